@@ -1,0 +1,1 @@
+"""ONNX graph passes: fold LoRA, quantize and pack weights, fuse FP4 GEMMs, emit targets."""
