@@ -229,6 +229,7 @@ def _encode_magnitude(xp, fmt: Format, a):
         return xp.clip(xp.round(a), 0, fmt.max_code_mag)
     _, ex = xp.frexp(a)  # a = f * 2**ex with f in [0.5, 1): floor(log2 a) = ex - 1
     e = xp.clip(ex - 1, fmt.emin, fmt.emax)
+    e = xp.where(a > 0, e, xp.full_like(e, fmt.emin))  # frexp(0) says ex = 0: zero is code 0
     r = xp.round(xp.ldexp(a, fmt.mbits - e))  # exact scaling by a power of two, then RNE
     code = (e - fmt.emin) * float(1 << fmt.mbits) + r
     return xp.clip(code, 0, fmt.max_code_mag)
