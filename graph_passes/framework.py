@@ -1,0 +1,127 @@
+"""Pass framework: a pass takes a graph and returns it with a record of what changed.
+
+A pass is a function ``(graph: gs.Graph, ctx: PassContext) -> dict`` that edits the
+onnx-graphsurgeon graph in place and returns what it did (counts, names); an empty dict means
+nothing changed. :func:`run_passes` runs a list of them, logs per pass the node count, initializer
+bytes and time, and checks the graph after each pass (ONNX checker and shape inference on the
+graph with its large weights turned into inputs, so a 5 GB UNet is checked in seconds).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+log = logging.getLogger("export_engine.passes")
+
+
+@dataclass
+class PassContext:
+    """What passes may need beyond the graph: options and the export's metadata."""
+
+    options: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+    #: per-layer report rows passes may append to (e.g. which target each layer got)
+    layer_report: list = field(default_factory=list)
+
+
+GraphPass = Callable[[gs.Graph, PassContext], dict]
+
+
+@dataclass
+class PassRecord:
+    name: str
+    changes: dict
+    nodes_before: int
+    nodes_after: int
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.changes)
+
+    def line(self) -> str:
+        return (f"{self.name:24s} nodes {self.nodes_before:6d} -> {self.nodes_after:6d}  "
+                f"weights {self.bytes_before / 2**20:9.1f} -> {self.bytes_after / 2**20:9.1f} MiB  "
+                f"{self.seconds:6.2f} s  {_summary(self.changes)}")
+
+
+def _summary(changes: dict) -> str:
+    parts = [f"{k}={v}" for k, v in changes.items() if isinstance(v, (int, float, str))]
+    return ", ".join(parts) if parts else ("changed" if changes else "no change")
+
+
+def initializer_bytes(graph: gs.Graph) -> int:
+    """Bytes held by constant tensors of the graph and its functions (each counted once)."""
+    seen, total = set(), 0
+    for tensors in [graph.tensors()] + [f.tensors() for f in graph.functions]:
+        for t in tensors.values():
+            if isinstance(t, gs.Constant) and id(t) not in seen:
+                seen.add(id(t))
+                total += int(np.prod(t.shape, dtype=np.int64)) * _itemsize(t)
+    return total
+
+
+def _itemsize(t: gs.Constant) -> int:
+    try:
+        return np.dtype(t.dtype).itemsize
+    except TypeError:  # onnx-only dtypes (FLOAT4E2M1, ...): ask onnx
+        return 1
+
+
+def check_graph(graph: gs.Graph, full: bool = False) -> onnx.ModelProto:
+    """ONNX checker + strict shape inference on the graph, large weights left out (as inputs).
+
+    Returns the checked (weightless) model. Raises onnx.checker.ValidationError /
+    onnx.shape_inference.InferenceError naming the node.
+    """
+    model = gs.export_onnx(graph, do_type_check=True)
+    _strip_weights(model)
+    onnx.checker.check_model(model, full_check=False)
+    if full:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=False)
+    return model
+
+
+def _strip_weights(model: onnx.ModelProto) -> None:
+    """Turn large initializers into graph inputs of the same type and shape, dropping their data."""
+    keep = []
+    for init in model.graph.initializer:
+        if init.ByteSize() > 4096:
+            model.graph.input.append(
+                onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            keep.append(init)
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+
+
+def run_passes(graph: gs.Graph, passes: list[GraphPass], ctx: PassContext | None = None,
+               check: bool = True, quiet: bool = False) -> list[PassRecord]:
+    """Run ``passes`` in order on ``graph`` (in place); returns one record per pass."""
+    ctx = ctx or PassContext()
+    records = []
+    for p in passes:
+        name = getattr(p, "__name__", type(p).__name__)
+        nodes_before, bytes_before = len(graph.nodes), initializer_bytes(graph)
+        start = time.perf_counter()
+        changes = p(graph, ctx) or {}
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        seconds = time.perf_counter() - start
+        if check:
+            try:
+                check_graph(graph, full=True)
+            except Exception as err:  # name the pass that broke the graph
+                raise RuntimeError(f"graph check failed after pass {name!r}: {err}") from err
+        rec = PassRecord(name, changes, nodes_before, len(graph.nodes), bytes_before,
+                         initializer_bytes(graph), seconds)
+        records.append(rec)
+        (log.debug if quiet else log.info)(rec.line())
+    return records
