@@ -97,6 +97,11 @@ class _Body:
         self.nodes.append(node)
         return out
 
+    def reduce_all(self, op_type: str, x: str) -> str:
+        """Scalar reduction of a tensor of any rank (TensorRT reduces no rank-0 tensor)."""
+        flat = self.op("Reshape", x, self.const([-1], np.int64))
+        return self.op(op_type, flat, keepdims=0)
+
     def f32(self, x: str) -> str:
         return self.op("Cast", x, to=TensorProto.FLOAT)
 
@@ -164,8 +169,8 @@ def _encode(b: _Body, u: str, f: _FormatTensors) -> str:
     mag = b.op("Where", b.op("And", neg, b.op("Not", f.signed)), zero, b.op("Abs", u0))
     # floor(log2 mag): a Log guess within +-1, clamped so that it indexes the power table,
     # then corrected exactly by comparisons against 2**e0 and 2**(e0 + 1)
-    lo = b.op("Sub", b.op("ReduceMin", f.emin, keepdims=0), one)
-    hi = b.op("Add", b.op("ReduceMax", f.emax, keepdims=0), one)
+    lo = b.op("Sub", b.reduce_all("ReduceMin", f.emin), one)
+    hi = b.op("Add", b.reduce_all("ReduceMax", f.emax), one)
     guess = b.op("Floor", b.op("Mul", b.op("Log", mag), b.const(1.0 / math.log(2.0))))
     e0 = b.op("Max", b.op("Min", guess, hi), lo)  # Max/Min map -inf (mag 0) and inf to the ends
     too_big = b.f32(b.op("Less", mag, b.pow2(e0)))
@@ -211,7 +216,7 @@ def _dynamic_params(b: _Body, xf: str, axes: str, signed_b: str, fmax: str) -> t
 def _fmax(b: _Body, f: _FormatTensors) -> str:
     """Largest finite value of the format as a float32 scalar (the largest over channels; dynamic
     mode is per-tensor-format, so there is only one)."""
-    return b.op("ReduceMax", _decode_formula(b, f.max_code, f), keepdims=0)
+    return b.reduce_all("ReduceMax", _decode_formula(b, f.max_code, f))
 
 
 def _by_channel(b: _Body, x: str, rows: str) -> tuple[str, str]:
@@ -253,7 +258,7 @@ def quantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     s_static = b.f32("scale")
     z_static = b.op("Mul", b.f32("zero_point"), b.op("Sub", b.const(1.0), signed))
     dynamic = b.op("Cast", b.ref("dynamic", "int"), to=TensorProto.BOOL)
-    axes = b.op("Reshape", b.ref("axis", "int"), b.const([1], np.int64))
+    axes = b.ref("axes", "ints")
     s_dyn, z_dyn = _dynamic_params(b, xf, axes, f.signed, _fmax(b, f))
     scale = b.op("Where", dynamic, s_dyn, s_static)
     zero_point = b.op("Where", dynamic, z_dyn, z_static)
@@ -268,7 +273,7 @@ def quantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     return helper.make_function(
         DOMAIN, "QuantizeFP", ["x", "scale", "zero_point"],
         ["codes", "scale_used", "zero_point_used"], b.nodes, [helper.make_opsetid("", opset)],
-        attributes=list(_FORMAT_ATTRS) + ["axis", "dynamic"],
+        attributes=list(_FORMAT_ATTRS) + ["axes", "dynamic"],
         doc_string="Encode x to minifloat codes (exporter.formats semantics). See docs/onnx_ops.md.",
     )
 
@@ -283,12 +288,13 @@ def dequantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     b = _Body("d")
     signed, _, _, _, bits, rows = _node_format(b)
     table = b.ref("table", "floats")
-    lo_bits = b.op("ReduceMin", bits, keepdims=0)
+    lo_bits = b.reduce_all("ReduceMin", bits)
     row_len = b.op("Div", b.op("Size", table),
-                   b.op("Add", b.op("Sub", b.i64(b.op("ReduceMax", bits, keepdims=0)),
+                   b.op("Add", b.op("Sub", b.i64(b.reduce_all("ReduceMax", bits)),
                                     b.i64(lo_bits)), b.const(1, np.int64)))
     offset = b.op("Mul", b.i64(b.op("Sub", bits, lo_bits)), row_len)  # [Cb, 1]
-    c2, shape = _by_channel(b, "codes", rows)
+    # TensorRT reshapes no UINT8 tensor: widen the codes first
+    c2, shape = _by_channel(b, b.op("Cast", "codes", to=TensorProto.INT32), rows)
     idx = b.op("Add", b.i64(c2), offset)
     vals = b.op("Reshape", b.op("Gather", table, idx), shape)
     z = b.op("Mul", b.f32("zero_point"), b.op("Sub", b.const(1.0), signed))
@@ -339,7 +345,7 @@ def make_quantize_node(inputs: Sequence[str], outputs: Sequence[str], fmt: Forma
     """A QuantizeFP node. ``outputs``: codes[, scale_used, zero_point_used]."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     return helper.make_node("QuantizeFP", list(inputs), list(outputs), name=name, domain=DOMAIN,
-                            axis=int(axis), dynamic=int(bool(dynamic)),
+                            axes=[int(axis)], dynamic=int(bool(dynamic)),
                             **_format_attrs(fmt, channel_bits))
 
 
