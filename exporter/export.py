@@ -313,13 +313,37 @@ def select_adapter(model: nn.Module, table: torch.Tensor, timestep) -> int:
 
 
 def find_adapter_table(model: nn.Module) -> torch.Tensor | None:
-    """The frozen timestep -> adapter table the model carries (attribute ``adapter_table`` of the
-    model or of a TimestepRouter), or None."""
+    """The frozen timestep -> adapter table the model carries, or None.
+
+    Looks for the TALoRA controller of :mod:`exporter.finetune` (``model.talora.table``, valid
+    once ``frozen``) or any submodule attribute ``adapter_table``.
+    """
+    ctrl = getattr(model, "talora", None)
+    if ctrl is not None and isinstance(getattr(ctrl, "table", None), torch.Tensor):
+        if not getattr(ctrl, "frozen", True):
+            raise ExportError("the TALoRA router is not frozen into its timestep -> adapter table "
+                              "yet (exporter.finetune.freeze_router); the export needs the table")
+        return ctrl.table
     for _, module in model.named_modules():
         table = getattr(module, "adapter_table", None)
         if isinstance(table, torch.Tensor):
             return table
     return None
+
+
+@contextlib.contextmanager
+def _talora_hooks_detached(model: nn.Module) -> Iterator[None]:
+    """The TALoRA controller's hooks pick the adapter with Python ints (untraceable); the export
+    wrapper does the same lookup with tensor ops instead, so the hooks step aside meanwhile."""
+    ctrl = getattr(model, "talora", None)
+    attached = bool(getattr(ctrl, "_handles", None))
+    if attached:
+        ctrl.detach()
+    try:
+        yield
+    finally:
+        if attached:
+            ctrl.attach(model)
 
 
 class _ExportWrapper(nn.Module):
@@ -373,7 +397,7 @@ def unet_example_inputs(unet, batch: int = 2, height: int | None = None, width: 
     g = torch.Generator().manual_seed(seed)
     inputs = {
         "sample": torch.randn(batch, cfg.in_channels, height, width, generator=g),
-        "timestep": torch.tensor([500.0]),
+        "timestep": torch.tensor(500.0),
         "encoder_hidden_states": torch.randn(batch, text_len, cfg.cross_attention_dim, generator=g),
     }
     if cfg.addition_embed_type == "text_time":
@@ -441,7 +465,7 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
                 dim_names: Mapping[str, Sequence[str | None]] | None = None,
                 output_names: Sequence[str] = ("out_sample",), timestep_input: str | None = "timestep",
                 adapter_table: torch.Tensor | None = None, opset: int = onnx_ops.DEFAULT_OPSET,
-                external_data: bool | None = None, extra_outputs: bool = False) -> ExportResult:
+                external_data: bool | None = None, debug_outputs: bool = False) -> ExportResult:
     """Export ``model`` (with QuantLinear / QuantConv2d layers) to ``path``.
 
     ``example_inputs``: graph input name -> example tensor, in call order; ``call(model, *inputs)``
@@ -451,6 +475,8 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
     ``external_data``: None = only above 2 GB; the data file is ``<name>.onnx.data``.
     The write is atomic: on any error no .onnx (or data file) is left at ``path``.
     Deterministic: the same model and options give byte-identical files.
+    ``debug_outputs``: also output every quantized layer's activation-quantizer input, codes and
+    output (``<layer>.a_in``, ``<layer>.codes``, ``<layer>.out``) for :mod:`exporter.parity`.
     """
     path = Path(path)
     start = time.time()
@@ -469,7 +495,8 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
     was_training = model.training
     model.eval()
     try:
-        with export_mode(model), torch.no_grad(), _quiet_torch_onnx():
+        with export_mode(model), _talora_hooks_detached(model), torch.no_grad(), \
+                _quiet_torch_onnx():
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, input_names=list(example_inputs),
                 output_names=list(output_names), dynamic_shapes=(shapes,) if shapes else None,
@@ -485,7 +512,7 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
             sel.__dict__.pop("export_index", None)
         model.train(was_training)
     ir_model = program.model
-    _finish_model(ir_model, opset, dim_names or {})
+    _finish_model(ir_model, opset, dim_names or {}, [n for n, _ in layers], debug_outputs)
     data_path = _save_atomic(ir_model, path, external_data)
     return ExportResult(path, data_path, time.time() - start, len(layers), list(example_inputs))
 
@@ -496,7 +523,7 @@ def export_unet(unet: nn.Module, path: str | Path, *, batch: int = 2, height: in
     """Export a quantized diffusers UNet2DConditionModel with dynamic batch/height/width/text.
 
     ``fp16``: converts the model to float16 in place first (:func:`to_fp16`).
-    Inputs: sample, timestep [1] (float32), encoder_hidden_states (and text_embeds, time_ids for
+    Inputs: sample, timestep [] (float32), encoder_hidden_states (and text_embeds, time_ids for
     SDXL); output: out_sample.
     """
     if fp16:
@@ -533,18 +560,36 @@ def _check_output_path(path: Path) -> None:
         raise ExportError(f"cannot write to {path.parent}: {err.strerror or err}") from None
 
 
-def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None]]) -> None:
-    """Name our nodes after their layers, drop tracing metadata, rename dims, attach functions."""
+def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None]],
+                  layer_names: Sequence[str] = (), debug_outputs: bool = False) -> None:
+    """Name our nodes after their layers, drop tracing metadata, rename dims, attach functions.
+
+    ``debug_outputs`` adds per quantized layer the graph outputs ``<layer>.a_in`` (the input of
+    its activation QuantizeFP), ``<layer>.codes`` (its codes) and ``<layer>.out`` (the layer's
+    output), for the layer-by-layer parity harness.
+    """
     import onnx_ir as ir
 
+    last_in_layer: dict[str, object] = {}
+    layers = set(layer_names)
     for node in model.graph:
+        scopes = _scopes(node.metadata_props.get("pkg.torch.onnx.name_scopes", ""))
         if node.domain == onnx_ops.DOMAIN:
-            scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
-            owner = _quantizer_scope(scopes)
+            owner = next((p for p in reversed(scopes) if p.endswith((".a_quant", ".w_quant"))), None)
             if owner:
                 node.name = f"{owner}/{node.op_type}"
+                if debug_outputs and owner.endswith(".a_quant") and node.op_type == "QuantizeFP":
+                    layer = owner[: -len(".a_quant")]
+                    _expose(model, node.inputs[0], f"{layer}.a_in")
+                    _expose(model, node.outputs[0], f"{layer}.codes")
+        if debug_outputs:
+            for p in scopes:
+                if p in layers:
+                    last_in_layer[p] = node
         node.metadata_props.clear()
         node.doc_string = None
+    for layer, node in last_in_layer.items():
+        _expose(model, node.outputs[0], f"{layer}.out")
     model.graph.metadata_props.clear()
     model.metadata_props.clear()
     model.doc_string = None
@@ -565,18 +610,28 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
     model.producer_version = None
 
 
-def _quantizer_scope(scopes: str) -> str | None:
-    """'layer.a_quant' or 'layer.w_quant' from the dynamo name-scope list, without 'model.'."""
+def _scopes(text: str) -> list[str]:
+    """Module names (without the wrapper's 'model.') from dynamo's name-scope metadata."""
     import ast
 
     try:
-        parts = ast.literal_eval(scopes) if scopes else []
+        parts = ast.literal_eval(text) if text else []
     except (ValueError, SyntaxError):
-        return None
-    for part in reversed(parts):
-        if part.endswith((".a_quant", ".w_quant")) or part in ("a_quant", "w_quant"):
-            return part[len("model."):] if part.startswith("model.") else part
-    return None
+        return []
+    return [p[len("model."):] for p in parts if isinstance(p, str) and p.startswith("model.")]
+
+
+def _expose(model, value, name: str) -> None:
+    """Make ``value`` a graph output called ``name`` (an Identity keeps graph inputs intact)."""
+    import onnx_ir as ir
+
+    if value.name in model.graph.initializers or value.is_graph_input() or value.is_graph_output():
+        node = ir.Node("", "Identity", [value], name=f"{name}/expose")
+        model.graph.append(node)
+        node.outputs[0].type, node.outputs[0].shape = value.type, value.shape
+        value = node.outputs[0]
+    value.name = name
+    model.graph.outputs.append(value)
 
 
 def _save_atomic(model, path: Path, external_data: bool | None) -> Path | None:
@@ -623,6 +678,6 @@ def export_layer(layer: nn.Module, x: torch.Tensor, path: str | Path, *,
     if isinstance(layer.lora, TALoRA):
         k = layer.lora.selection.index if adapter is None else int(adapter)
         table = torch.tensor([k])
-        inputs["timestep"] = torch.zeros(1)
+        inputs["timestep"] = torch.zeros(())
     return export_onnx(wrapper, inputs, path, call=lambda m, x, *t: m(x), output_names=("y",),
                        adapter_table=table, opset=opset)

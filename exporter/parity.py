@@ -1,0 +1,207 @@
+"""Parity harness: the exported ONNX in ONNX Runtime (CPU) against the PyTorch quantized model.
+
+Whole model: both run the same inputs; the report gives max abs error and relative L2.
+Layer by layer: the model is exported with debug outputs (every quantized layer's activation
+quantizer input ``<layer>.a_in``, its codes ``<layer>.codes`` and the layer output ``<layer>.out``),
+so each layer is compared on the *same input*: PyTorch quantizes ONNX Runtime's ``a_in`` and runs
+the layer on it. Codes can only differ where fp32 evaluation order moved a value across a
+rounding midpoint upstream of the division, so the fraction of differing codes is reported too.
+
+Used by the tests and by ``export-engine verify`` (later).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layers import QuantConv2d, QuantLinear, quant_layers
+
+
+@dataclass
+class Diff:
+    """max |a - b|, ||a - b|| / ||b|| (b is the reference) and the number of values."""
+
+    max_abs: float
+    rel_l2: float
+    size: int
+
+
+def diff(got: np.ndarray, ref: np.ndarray) -> Diff:
+    got = np.asarray(got, np.float64)
+    ref = np.asarray(ref, np.float64)
+    if got.shape != ref.shape:
+        raise ValueError(f"shape mismatch: {got.shape} vs reference {ref.shape}")
+    d = got - ref
+    denom = np.linalg.norm(ref)
+    rel = float(np.linalg.norm(d) / denom) if denom > 0 else float(np.linalg.norm(d))
+    return Diff(float(np.abs(d).max()) if d.size else 0.0, rel, int(d.size))
+
+
+@dataclass
+class LayerParity:
+    """One quantized layer on the same input in ONNX Runtime and PyTorch."""
+
+    name: str
+    codes_differ: int  # activation codes that differ
+    codes_total: int
+    out: Diff
+
+    @property
+    def codes_differ_fraction(self) -> float:
+        return self.codes_differ / self.codes_total if self.codes_total else 0.0
+
+
+@dataclass
+class ParityReport:
+    whole: Diff
+    layers: list[LayerParity] = field(default_factory=list)
+
+    @property
+    def worst_codes_fraction(self) -> float:
+        return max((l.codes_differ_fraction for l in self.layers), default=0.0)
+
+    @property
+    def codes_differ_fraction(self) -> float:
+        total = sum(l.codes_total for l in self.layers)
+        return sum(l.codes_differ for l in self.layers) / total if total else 0.0
+
+    def summary(self) -> str:
+        lines = [f"whole model: max abs {self.whole.max_abs:.3e}, rel L2 {self.whole.rel_l2:.3e}"]
+        if self.layers:
+            worst = max(self.layers, key=lambda l: l.out.rel_l2)
+            lines.append(
+                f"{len(self.layers)} layers: codes differ {self.codes_differ_fraction:.2e} overall, "
+                f"worst layer {self.worst_codes_fraction:.2e}; worst layer output rel L2 "
+                f"{worst.out.rel_l2:.3e} ({worst.name})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {"whole": asdict(self.whole), "layers": [
+            {"name": l.name, "codes_differ": l.codes_differ, "codes_total": l.codes_total,
+             "codes_differ_fraction": l.codes_differ_fraction, **{f"out_{k}": v for k, v in asdict(l.out).items()}}
+            for l in self.layers]}
+
+
+def ort_session(onnx_path: str | Path, threads: int | None = None):
+    """An ONNX Runtime CPU session (all graph optimizations off: run the graph as written)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session_or_path, inputs: Mapping[str, torch.Tensor | np.ndarray],
+             outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Run the model; returns output name -> array (all outputs unless ``outputs`` is given)."""
+    sess = session_or_path if hasattr(session_or_path, "run") else ort_session(session_or_path)
+    feeds = {k: (v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v))
+             for k, v in inputs.items()}
+    names = list(outputs) if outputs else [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+def torch_act_codes(layer, a_in: torch.Tensor) -> torch.Tensor:
+    """PyTorch's codes for the activation quantizer input ``a_in`` of ``layer`` (as fake_quantize)."""
+    q = layer.a_quant
+    if q.mode == "dynamic":
+        scale, zp = q.dynamic_params(a_in)
+    else:
+        scale, zp = q.scale.detach().float(), (None if q.fmt.signed else q.zero_point.detach().float())
+    xf = a_in.float()
+    u = xf / scale if zp is None else (xf - zp) / scale
+    return q.fmt.encode_torch(u)
+
+
+def torch_layer_from_act_input(layer, a_in: torch.Tensor) -> torch.Tensor:
+    """The layer's output when its activation quantizer sees ``a_in`` (after any smoothing)."""
+    w = layer.quantized_weight()
+    x = layer.a_quant(a_in)
+    if isinstance(layer, QuantLinear):
+        return F.linear(x, w, layer.bias)
+    if isinstance(layer, QuantConv2d):
+        return F.conv2d(x, w, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups)
+    raise TypeError(f"unsupported layer {type(layer).__name__}")
+
+
+def _set_torch_adapter(model, adapter_table, timestep) -> None:
+    from .export import select_adapter, talora_selections
+
+    if adapter_table is not None and timestep is not None and talora_selections(model):
+        select_adapter(model, adapter_table, timestep)
+
+
+def parity(model: torch.nn.Module, onnx_path: str | Path, inputs: Mapping[str, torch.Tensor], *,
+           call=None, adapter_table: torch.Tensor | None = None, timestep_input: str = "timestep",
+           layers: bool | None = None, output: str | None = None) -> ParityReport:
+    """Run ``onnx_path`` in ONNX Runtime and ``model`` in PyTorch on ``inputs``; compare.
+
+    ``call(model, *inputs.values())`` runs the PyTorch model (default ``model(*inputs)``); TALoRA
+    models use ``adapter_table`` (or the one they carry) for the timestep, as the graph does.
+    ``layers``: compare layer by layer too; needs an export with ``debug_outputs=True`` (default:
+    when the ONNX has such outputs).
+    """
+    from .export import _talora_hooks_detached, find_adapter_table
+
+    call = call or (lambda m, *a: m(*a))
+    sess = ort_session(onnx_path)
+    out_names = [o.name for o in sess.get_outputs()]
+    main = output or out_names[0]
+    got = run_onnx(sess, inputs)
+    table = adapter_table if adapter_table is not None else find_adapter_table(model)
+    _set_torch_adapter(model, table, inputs.get(timestep_input))
+    with torch.no_grad(), _talora_hooks_detached(model):
+        ref = call(model, *inputs.values())
+    report = ParityReport(diff(got[main], ref.float().numpy()))
+    if layers is None:
+        layers = any(n.endswith(".codes") for n in out_names)
+    if layers:
+        report.layers = _layer_parity(model, got)
+    return report
+
+
+def _layer_parity(model, got: Mapping[str, np.ndarray]) -> list[LayerParity]:
+    rows = []
+    with torch.no_grad():
+        for name, layer in quant_layers(model):
+            if f"{name}.a_in" not in got:
+                continue
+            a_in = torch.from_numpy(got[f"{name}.a_in"])
+            codes = torch_act_codes(layer, a_in).numpy()
+            differ = int((codes != got[f"{name}.codes"]).sum())
+            out = torch_layer_from_act_input(layer, a_in).float().numpy()
+            rows.append(LayerParity(name, differ, int(codes.size), diff(got[f"{name}.out"], out)))
+    return rows
+
+
+def layer_onnx_vs_reference_evaluator(onnx_path: str | Path,
+                                      inputs: Mapping[str, np.ndarray]) -> dict[str, Diff]:
+    """One (small) model in ONNX Runtime vs ``onnx.reference.ReferenceEvaluator``, per output."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+
+    model = onnx.load(str(onnx_path))
+    ref = ReferenceEvaluator(model)
+    names = [o.name for o in model.graph.output]
+    feeds = {k: np.asarray(v) for k, v in inputs.items()}
+    want = dict(zip(names, ref.run(None, feeds)))
+    got = run_onnx(onnx_path, feeds)
+    return {n: diff(got[n], want[n]) for n in names}
+
+
+def parity_at_timesteps(model, onnx_path, inputs: Mapping[str, torch.Tensor],
+                        timesteps: Sequence[float], **kwargs) -> dict[float, ParityReport]:
+    """:func:`parity` at several timesteps (different TALoRA adapters), same other inputs."""
+    out = {}
+    for t in timesteps:
+        feeds = dict(inputs)
+        feeds["timestep"] = torch.tensor(float(t), dtype=inputs["timestep"].dtype)
+        out[float(t)] = parity(model, onnx_path, feeds, **kwargs)
+    return out
