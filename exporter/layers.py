@@ -3,6 +3,12 @@
 y = Q_a(x) * Q_w(W + s * B A)^T (+ bias): the LoRA delta joins the float
 weight before weight quantization, so the deployed weight is one quantized
 tensor (graph_passes/fold_lora does the same on the ONNX side).
+
+Optional MPQ-DM smoothing (``smooth``, one factor per input channel, absent by
+default): y = Q_a(x / smooth) * Q_w((W + s * B A) * smooth)^T (+ bias), which
+equals x W^T before quantization and moves outliers between activations and
+weights. Both products are computed in float32 (true division for x, so an
+exporter reproduces the codes exactly).
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ class _QuantLayer(nn.Module):
         self.w_quant = WeightQuantizer(self.weight.shape[0], w_fmt)
         self.a_quant = ActQuantizer(a_fmt, a_mode, channel_axis=self.channel_axis)
         self.lora: LoRA | TALoRA | None = None
+        # [in_channels] float32 or None; set by mixed-precision calibration (exporter.mixed_precision)
+        self.register_buffer("smooth", None)
 
     @property
     def fan_in(self) -> int:
@@ -49,8 +57,22 @@ class _QuantLayer(nn.Module):
             return self.weight
         return self.weight + self.lora.delta().view_as(self.weight).to(self.weight.dtype)
 
+    def _smooth_view(self, ndim: int, axis: int) -> torch.Tensor:
+        shape = [1] * ndim
+        shape[axis] = -1
+        return self.smooth.view(shape)
+
+    def smooth_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x / smooth along the channel axis (identity without smoothing)."""
+        if self.smooth is None:
+            return x
+        return (x.float() / self._smooth_view(x.dim(), self.channel_axis)).to(x.dtype)
+
     def quantized_weight(self) -> torch.Tensor:
-        return self.w_quant(self.effective_weight())
+        w = self.effective_weight()
+        if self.smooth is not None:  # input channels are axis 1 of Linear and Conv2d weights
+            w = (w.float() * self._smooth_view(w.dim(), 1)).to(w.dtype)
+        return self.w_quant(w)
 
 
 class QuantLinear(_QuantLayer):
@@ -64,7 +86,7 @@ class QuantLinear(_QuantLayer):
         self.in_features, self.out_features = layer.in_features, layer.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.a_quant(x), self.quantized_weight(), self.bias)
+        return F.linear(self.a_quant(self.smooth_input(x)), self.quantized_weight(), self.bias)
 
 
 class QuantConv2d(_QuantLayer):
@@ -82,7 +104,7 @@ class QuantConv2d(_QuantLayer):
         self.padding, self.dilation, self.groups = layer.padding, layer.dilation, layer.groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(self.a_quant(x), self.quantized_weight(), self.bias,
+        return F.conv2d(self.a_quant(self.smooth_input(x)), self.quantized_weight(), self.bias,
                         self.stride, self.padding, self.dilation, self.groups)
 
 

@@ -77,8 +77,12 @@ class TALoRA(nn.Module):
 
     def delta(self) -> torch.Tensor:
         w = self.selection.weights.to(self.A.device, self.A.dtype)
+        if not w.requires_grad:  # a hard choice (frozen table, inference): exactly s * B_k A_k
+            k = self.selection.index
+            return self.scale * (self.B[k] @ self.A[k])
         # weighted sum over adapters keeps the router's straight-through gradient
-        return self.scale * torch.einsum("k,kor,kri->oi", w, self.B, self.A)
+        # (B scaled first: the three-operand einsum materialised a K x out x rank x in product)
+        return self.scale * torch.einsum("kor,kri->oi", self.B * w[:, None, None], self.A)
 
 
 class TimestepRouter(nn.Module):

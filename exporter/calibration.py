@@ -1,0 +1,263 @@
+"""Calibration data: UNet inputs along sampler trajectories, and per-layer input captures.
+
+One pass does both. ``num_samples`` trajectories start from seeded Gaussian
+latents and run in lockstep (one batch, one shared timestep per UNet call)
+through a diffusers scheduler for ``num_steps`` steps with the full-precision
+UNet. Every call is kept as a :class:`CalibRecord` (inputs, the FP noise
+prediction, the step's denoising factor for DFA). While it runs, forward
+pre-hooks on the layers to quantize record, over every token of the training
+samples, per-input-channel min/max, and keep a seeded subsample of input rows
+(tokens for Linear, interior im2col patches for Conv2d) for the format search.
+
+Text conditioning comes from a ``.safetensors`` file of precomputed
+embeddings (``encoder_hidden_states`` [N, L, D], ``text_embeds`` [N, P],
+optional ``time_ids`` [N, 6]; sample i uses row i mod N) or, by default, seeded
+standard-normal tensors of the right shapes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cli import UserError
+from .models.presets import Preset, run_unet
+
+SCHEDULERS = ("euler", "ddim")
+
+
+@dataclass
+class CalibConfig:
+    """Sizes of the calibration run. ``holdout`` samples are kept out of the search and
+    fine-tuning and used to measure them (default: a quarter of the samples)."""
+
+    samples: int = 4
+    steps: int = 8
+    resolution: int = 128
+    scheduler: str = "euler"
+    seed: int = 0
+    embeddings: str | None = None
+    holdout: int | None = None
+    max_tokens: int = 512
+
+    def __post_init__(self):
+        for name in ("samples", "steps", "resolution", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"calibration {name} must be a positive integer, got {value!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise UserError(f"unknown scheduler {self.scheduler!r}; use one of {', '.join(SCHEDULERS)}")
+        if self.holdout is None:
+            self.holdout = self.samples // 4
+        if not 0 <= self.holdout < self.samples:
+            raise UserError(f"holdout ({self.holdout}) must leave at least one of {self.samples} samples")
+
+
+@dataclass
+class CalibRecord:
+    """One UNet call: batch of all samples at one sampler step."""
+
+    step: int
+    timestep: float
+    inputs: dict[str, torch.Tensor]  # flat UNet inputs (see Preset.model_inputs), batch = samples
+    eps: torch.Tensor  # FP noise prediction [samples, C, h, w]
+    dfa: float  # b_t: d x_next / d eps for this step (exporter.finetune.denoising_factors)
+
+
+@dataclass
+class LayerCapture:
+    """What the search needs about one layer's input.
+
+    rows: [n, K] float32, K = fan_in (im2col order C, kh, kw for convs);
+    ch_min / ch_max: [C] per input channel over every training token; taps =
+    kh * kw (1 for Linear), so column k belongs to channel k // taps.
+    """
+
+    kind: str  # "linear" | "conv"
+    taps: int
+    rows: list[torch.Tensor] = field(default_factory=list)
+    ch_min: torch.Tensor | None = None
+    ch_max: torch.Tensor | None = None
+    tokens_seen: int = 0
+
+    @property
+    def x(self) -> torch.Tensor:
+        if isinstance(self.rows, list):
+            self.rows = torch.cat(self.rows) if self.rows else torch.empty(0)
+        return self.rows
+
+    @property
+    def x_min(self) -> float:
+        return float(self.ch_min.min())
+
+    @property
+    def x_max(self) -> float:
+        return float(self.ch_max.max())
+
+
+@dataclass
+class CalibrationData:
+    records: list[CalibRecord]
+    train: list[int]  # sample indices used by the search and fine-tuning
+    holdout: list[int]  # sample indices kept for evaluation
+    scheduler: str
+    scheduler_config: dict
+    layers: dict[str, LayerCapture] = field(default_factory=dict)
+
+    @property
+    def timesteps(self) -> list[float]:
+        return [r.timestep for r in self.records]
+
+    def eval_samples(self) -> list[int]:
+        """Held-out samples, or the training ones when nothing was held out."""
+        return self.holdout or self.train
+
+
+def make_scheduler(kind: str, config: dict):
+    """A diffusers scheduler ('euler' = EulerDiscreteScheduler, 'ddim' = DDIMScheduler, eta 0)."""
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler
+
+    cls = {"euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}[kind]
+    return cls.from_config(config)
+
+
+def text_conditioning(preset: Preset, n: int, path: str | None, seed: int, text_len: int | None = None):
+    """(encoder_hidden_states [n, L, D], text_embeds [n, P]) from ``path`` or seeded N(0, 1)."""
+    cfg = preset.config()
+    D, P, L = cfg["cross_attention_dim"], preset.text_embeds_dim, text_len or preset.text_len
+    if path is None:
+        g = torch.Generator().manual_seed(seed + 1)
+        return torch.randn(n, L, D, generator=g), torch.randn(n, P, generator=g), None
+    from safetensors.torch import load_file
+
+    try:
+        data = load_file(path)
+    except Exception as err:
+        raise UserError(f"--calib-embeddings {path}: not a readable safetensors file ({err})") from None
+    if "encoder_hidden_states" not in data or "text_embeds" not in data:
+        raise UserError(f"--calib-embeddings {path}: needs tensors 'encoder_hidden_states' [N, L, {D}] "
+                        f"and 'text_embeds' [N, {P}]; found {sorted(data)}")
+    ehs, pooled = data["encoder_hidden_states"].float(), data["text_embeds"].float()
+    if ehs.dim() != 3 or ehs.shape[-1] != D or pooled.dim() != 2 or pooled.shape[-1] != P \
+            or pooled.shape[0] != ehs.shape[0]:
+        raise UserError(f"--calib-embeddings {path}: shapes {tuple(ehs.shape)} / {tuple(pooled.shape)} do not "
+                        f"fit {preset.name} (expected [N, L, {D}] and [N, {P}])")
+    idx = torch.arange(n) % ehs.shape[0]
+    time_ids = data.get("time_ids")
+    return ehs[idx], pooled[idx], (time_ids.float()[idx] if time_ids is not None else None)
+
+
+def collect_calibration(model: nn.Module, preset: Preset, cfg: CalibConfig,
+                        capture: list[str] | tuple[str, ...] = (),
+                        progress: Callable[[str], None] | None = None) -> CalibrationData:
+    """Run the FP ``model`` along ``cfg.samples`` seeded trajectories; capture ``capture`` layers.
+
+    The model must be the full-precision UNet (layers named in ``capture`` are
+    nn.Linear / nn.Conv2d). Returns records for every step plus captures.
+    """
+    from .finetune import denoising_factors
+
+    device = next(model.parameters()).device
+    sched = make_scheduler(cfg.scheduler, preset.scheduler)
+    sched.set_timesteps(cfg.steps)
+    dfa = denoising_factors(sched)
+    S = cfg.samples
+    h, w = preset._latent_hw(cfg.resolution, cfg.resolution)
+    g = torch.Generator().manual_seed(cfg.seed)
+    latents = torch.randn(S, preset.latent_channels, h, w, generator=g) * sched.init_noise_sigma
+    ehs, pooled, time_ids = text_conditioning(preset, S, cfg.embeddings, cfg.seed)
+    if time_ids is None:
+        px = cfg.resolution
+        time_ids = torch.tensor([[px, px, 0, 0, px, px]], dtype=torch.float32).repeat(S, 1)
+    train = list(range(S - cfg.holdout))
+    holdout = list(range(S - cfg.holdout, S))
+
+    captures, handles = _install_capture(model, capture, train, S, cfg, len(sched.timesteps))
+    records = []
+    try:
+        for i, t in enumerate(sched.timesteps):
+            if progress:
+                progress(f"calibration step {i + 1}/{len(sched.timesteps)} (t={float(t):.0f})")
+            inputs = {
+                "sample": sched.scale_model_input(latents, t).float(),
+                "timestep": torch.tensor(float(t)),
+                "encoder_hidden_states": ehs,
+                "text_embeds": pooled,
+                "time_ids": time_ids,
+            }
+            with torch.no_grad():
+                eps = run_unet(model, {k: v.to(device) for k, v in inputs.items()}).float().cpu()
+            records.append(CalibRecord(i, float(t), inputs, eps, dfa[i]))
+            latents = sched.step(eps, t, latents).prev_sample
+    finally:
+        for hnd in handles:
+            hnd.remove()
+    return CalibrationData(records, train, holdout, cfg.scheduler, dict(preset.scheduler), captures)
+
+
+def _install_capture(model: nn.Module, names, train: list[int], S: int, cfg: CalibConfig, calls: int):
+    """Forward pre-hooks recording stats and a row subsample of each named layer's input."""
+    per_call = max(1, math.ceil(cfg.max_tokens / calls))
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    captures: dict[str, LayerCapture] = {}
+    handles = []
+    use = None if len(train) == S else torch.tensor(train)
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Conv2d):
+            cap = LayerCapture("conv", taps=layer.kernel_size[0] * layer.kernel_size[1])
+        elif isinstance(layer, nn.Linear):
+            cap = LayerCapture("linear", taps=1)
+        else:
+            raise TypeError(f"{name}: only nn.Linear and nn.Conv2d layers can be captured, "
+                            f"got {type(layer).__name__}")
+        captures[name] = cap
+        handles.append(layer.register_forward_pre_hook(_capture_hook(cap, layer, use, S, per_call, gen)))
+    return captures, handles
+
+
+def _capture_hook(cap: LayerCapture, layer: nn.Module, use, S: int, per_call: int,
+                  gen: torch.Generator):
+    def hook(module, args):
+        x = args[0].detach()
+        if use is not None and x.shape[0] == S:  # every UNet layer input is batch-first
+            x = x[use.to(x.device)]
+        x = x.float()
+        if cap.kind == "conv":
+            lo, hi = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
+            rows = conv_rows(x, layer)
+        else:
+            flat = x.reshape(-1, x.shape[-1])
+            lo, hi = flat.amin(0), flat.amax(0)
+            rows = flat
+        cap.ch_min = lo.cpu() if cap.ch_min is None else torch.minimum(cap.ch_min, lo.cpu())
+        cap.ch_max = hi.cpu() if cap.ch_max is None else torch.maximum(cap.ch_max, hi.cpu())
+        cap.tokens_seen += rows.shape[0]
+        if rows.shape[0] > per_call:
+            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:per_call].to(rows.device)]
+        cap.rows.append(rows.cpu().clone())
+
+    return hook
+
+
+def conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """im2col rows [n, C*kh*kw] of the patches that touch no padding.
+
+    Interior patches only: the quantized layer quantizes x before padding, so
+    padded zeros stay exact zeros; excluding them keeps row-wise quantization
+    of these patches identical to the layer's own arithmetic.
+    """
+    if conv.groups != 1:
+        raise ValueError("grouped convolutions are not supported by the calibration capture")
+    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+    if any(p for p in conv.padding):
+        ones = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
+        inside = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                          stride=conv.stride).amin(1)[0] > 0  # [L]
+        cols = cols[:, :, inside]
+    # [B, C*taps, L] -> [B*L, C*taps]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])

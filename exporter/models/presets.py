@@ -1,0 +1,232 @@
+"""Model presets: a name -> how to build the UNet, what it takes, how to calibrate it.
+
+A preset is plain data plus a few small methods (diffusers style: the config is
+a JSON file bundled in ``exporter/models/configs/``, the model is built from it,
+weights are loaded separately). Adding ``sd15`` or a DiT later means one more
+:class:`Preset` entry and its config file.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any
+
+import torch
+
+from ..cli import UserError
+
+#: SDXL base 1.0's scheduler (scheduler/scheduler_config.json of the diffusers repo).
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+#: Layers kept in higher precision unless the user says otherwise: the first and
+#: last convolutions (few weights, large effect on every pixel) and the time and
+#: added (text_time) embedding MLPs (they condition every block).
+SDXL_KEEP_FP = r"^(conv_in|conv_out|time_embedding\.|add_embedding\.)"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One UNet input: name, shape, dtype and meaning (for export and docs)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    description: str
+
+
+@dataclass(frozen=True)
+class CalibDefaults:
+    """Default calibration / fine-tuning sizes for one device class."""
+
+    samples: int
+    steps: int
+    resolution: int  # pixels (latent = resolution / 8)
+    finetune_steps: int
+    max_tokens: int  # calibration rows kept per layer for the search
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A UNet we know how to build, load, feed and calibrate."""
+
+    name: str
+    description: str
+    config_file: str
+    keep_fp: str = SDXL_KEEP_FP
+    scheduler: dict = field(default_factory=lambda: dict(SDXL_SCHEDULER))
+    text_len: int = 77
+    cpu: CalibDefaults = CalibDefaults(2, 4, 256, 0, 128)
+    cuda: CalibDefaults = CalibDefaults(8, 10, 1024, 200, 512)
+
+    # ---- config -------------------------------------------------------------
+    def config(self) -> dict:
+        """The diffusers UNet config (a fresh copy)."""
+        return json.loads(_read_config(self.config_file))
+
+    def config_hash(self) -> str:
+        return config_hash(self.config())
+
+    @property
+    def text_embeds_dim(self) -> int:
+        c = self.config()
+        return c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config()["in_channels"]
+
+    def defaults(self, device: str | torch.device = "cpu") -> CalibDefaults:
+        return self.cuda if torch.device(device).type == "cuda" else self.cpu
+
+    # ---- model --------------------------------------------------------------
+    def build(self, model_path: str | None = None, seed: int = 0, device: str = "cpu",
+              warn: bool = True) -> torch.nn.Module:
+        """The UNet in float32 (eval mode), weights from ``model_path`` or seeded random.
+
+        model_path: a diffusers folder (``unet/`` inside, or the unet folder
+        itself) or a single-file ``.safetensors`` (diffusers or original SGM
+        ``model.diffusion_model.*`` keys, fp16/bf16/fp32). Without it the
+        weights are random (seed ``seed``) and rounded to fp16 like a real
+        checkpoint, with a warning: such a model only exercises the pipeline.
+        """
+        from diffusers import UNet2DConditionModel
+
+        from .loading import load_unet_weights
+
+        config = self.config()
+        if model_path is None:
+            if warn:
+                warnings.warn(
+                    f"{self.name}: no --model-path given, using seeded random weights (seed {seed}); "
+                    "this only exercises the pipeline, its outputs are not images",
+                    UserWarning, stacklevel=2)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = UNet2DConditionModel.from_config(config)
+            with torch.no_grad():
+                for p in model.parameters():  # fp16-representable, like a released checkpoint
+                    p.copy_(p.half().float())
+        else:
+            with torch.device("meta"):
+                model = UNet2DConditionModel.from_config(config)
+            model = model.to_empty(device="cpu")
+            load_unet_weights(model, model_path, config)
+        return model.float().eval().requires_grad_(False).to(device)
+
+    def build_empty(self) -> torch.nn.Module:
+        """The UNet on the meta device (no memory): for shapes, names and checkpoint loading."""
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            return UNet2DConditionModel.from_config(self.config())
+
+    # ---- inputs -------------------------------------------------------------
+    def model_inputs(self, batch: int = 1, height: int | None = None, width: int | None = None,
+                     text_len: int | None = None) -> list[InputSpec]:
+        """The UNet's inputs for a batch of ``batch`` images of height x width pixels.
+
+        All float inputs are float32 (or the model's dtype); ``timestep`` is one
+        value shared by the batch (the sampler's current timestep, in [0, 1000)).
+        """
+        c = self.config()
+        h, w = self._latent_hw(height, width)
+        L = text_len or self.text_len
+        return [
+            InputSpec("sample", (batch, c["in_channels"], h, w), "float32",
+                      "noisy latent x_t, scaled by the scheduler's scale_model_input"),
+            InputSpec("timestep", (), "float32", "sampler timestep t (shared by the batch)"),
+            InputSpec("encoder_hidden_states", (batch, L, c["cross_attention_dim"]), "float32",
+                      "text encoder hidden states (SDXL: CLIP-L and OpenCLIP-bigG penultimate, concatenated)"),
+            InputSpec("text_embeds", (batch, self.text_embeds_dim), "float32",
+                      "pooled text embedding (SDXL: OpenCLIP-bigG projection)"),
+            InputSpec("time_ids", (batch, 6), "float32",
+                      "micro-conditioning: original h, w, crop top, left, target h, w (pixels)"),
+        ]
+
+    def example_inputs(self, batch: int = 1, height: int | None = None, width: int | None = None,
+                       timestep: float = 999.0, seed: int = 0, device: str = "cpu") -> dict[str, torch.Tensor]:
+        """Seeded random inputs matching :meth:`model_inputs` (a flat dict)."""
+        g = torch.Generator().manual_seed(seed)
+        out = {}
+        for spec in self.model_inputs(batch, height, width):
+            if spec.name == "timestep":
+                out[spec.name] = torch.tensor(float(timestep))
+            elif spec.name == "time_ids":
+                px_h, px_w = (self._latent_hw(height, width)[0] * 8, self._latent_hw(height, width)[1] * 8)
+                out[spec.name] = torch.tensor([[px_h, px_w, 0, 0, px_h, px_w]], dtype=torch.float32).repeat(batch, 1)
+            else:
+                out[spec.name] = torch.randn(spec.shape, generator=g)
+        return {k: v.to(device) for k, v in out.items()}
+
+    def _latent_hw(self, height: int | None, width: int | None) -> tuple[int, int]:
+        size = self.config()["sample_size"] * 8
+        height, width = height or size, width or size
+        if height % 8 or width % 8:
+            raise UserError(f"image size {height}x{width} must be a multiple of 8 pixels")
+        return height // 8, width // 8
+
+
+def unet_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A flat input dict (see :meth:`Preset.model_inputs`) -> UNet2DConditionModel.forward kwargs."""
+    return {
+        "sample": inputs["sample"],
+        "timestep": inputs["timestep"],
+        "encoder_hidden_states": inputs["encoder_hidden_states"],
+        "added_cond_kwargs": {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
+        "return_dict": False,
+    }
+
+
+def run_unet(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Noise prediction for a flat input dict: [B, C, h, w]."""
+    return model(**unet_kwargs(inputs))[0]
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the architecture keys of a diffusers config (``_``-prefixed keys ignored)."""
+    arch = {k: v for k, v in sorted(config.items()) if not k.startswith("_")}
+    return "sha256:" + hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _read_config(filename: str) -> str:
+    return resources.files(__package__).joinpath("configs", filename).read_text()
+
+
+PRESETS: dict[str, Preset] = {
+    "sdxl": Preset(
+        "sdxl", "Stable Diffusion XL base 1.0 UNet (2.57 B parameters)", "sdxl.json",
+        cpu=CalibDefaults(samples=2, steps=4, resolution=256, finetune_steps=0, max_tokens=128),
+        cuda=CalibDefaults(samples=8, steps=10, resolution=1024, finetune_steps=200, max_tokens=512),
+    ),
+    "sdxl-tiny": Preset(
+        "sdxl-tiny", "SDXL-shaped UNet with small widths (tests and demos; seconds on a CPU)",
+        "sdxl-tiny.json",
+        cpu=CalibDefaults(samples=4, steps=8, resolution=128, finetune_steps=40, max_tokens=512),
+        cuda=CalibDefaults(samples=8, steps=10, resolution=128, finetune_steps=200, max_tokens=1024),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a :class:`UserError` naming the known ones otherwise."""
+    try:
+        return PRESETS[name]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(PRESETS)}") from None

@@ -1,0 +1,347 @@
+"""MSFP: mixup-sign FP4 format and scale search per layer (arXiv 2505.21591), with MPQ-DM.
+
+For each quantized layer, from its calibration capture (input rows X [n, K],
+per-channel input ranges) and its weight W [N, K]:
+
+1. **AAL detection** (anomalous-activation layer): the input is AAL when its
+   negative range is small next to its positive one,
+   ``max(x) > 0 and -min(x) <= max(AAL_RATIO * max(x), SILU_FLOOR)``.
+   SiLU(x) >= -0.2785 and GELU(x) >= -0.17 for every x, so inputs produced by
+   either always satisfy the second bound, whatever their scale; the first
+   catches other skewed inputs. A false positive costs only search time:
+   AALs search signed *and* unsigned formats and keep whichever is better.
+2. **Weights**: signed FP4 (e1m2, e2m1, e3m0) with a per-output-channel scale
+   ``clip_j * max|W_j| / fmt.max``. Proxy: each channel's own quantization MSE
+   picks its clip (on <= ``max_cols`` sampled columns); the best ``refine_w``
+   formats by proxy are refined by the layer's output MSE on calibration rows.
+3. **Activations**: signed FP4 for every layer, plus unsigned FP4 with a
+   zero point (ue1m3, ue2m2, ue3m1, ue4m0; zero point = calibrated min) for
+   AALs; a per-tensor static scale ``clip * range / fmt.max``. Proxy: the
+   tensor's own quantization MSE picks the best clip per format; the best
+   ``refine_a`` formats (each with the neighbouring clips) are refined by the
+   layer's output MSE with the weights already quantized.
+4. **MPQ-DM** (``exporter.mixed_precision``): the search above runs with and
+   without the smoothing factor; the better one by output MSE is kept, then
+   N-1 / N / N+1 bits are allocated per output channel.
+
+The exhaustive search (``SearchSpace(exhaustive=True)``) scores every format
+and clip by output MSE on every captured row and output channel; the pruned
+one (default) is what scales to the full SDXL UNet. Output MSE is always
+measured against the full-precision layer output X W^T.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .formats import SIGNED_FP4, UNSIGNED_FP4, Format, get_format, with_bits
+from .mixed_precision import allocate_bits, kurtosis, smoothing_factors
+
+#: AAL rule constants (see module doc)
+AAL_RATIO = 0.5
+SILU_FLOOR = 0.2785  # -min SiLU = 0.27846...; GELU's is 0.16997
+
+SIGNED_FP8 = ("e4m3", "e3m4")
+UNSIGNED_FP8 = ("ue4m4", "ue3m5")
+
+
+def grid_round(u: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Round to ``fmt``'s grid (nearest, ties to even, saturating) in float32.
+
+    The same values as ``fmt.quantize_torch(u, ste=False)`` for every finite
+    input (tests check it on every format the search uses, ties included),
+    about 3x faster: rounding a float32 to m mantissa bits is an integer add
+    and mask on its bit pattern, and subnormals round by adding a power of two.
+    """
+    if fmt.kind != "float":
+        return fmt.quantize_torch(u.float(), ste=False)
+    u = u.float()
+    a = u.abs().clamp_(max=2.0 * fmt.max)  # everything >= 2 max saturates; keeps the bit trick finite
+    i = a.view(torch.int32)
+    sh = 23 - fmt.mbits
+    if fmt.mbits == 0:  # RNE of 1.5 * 2**e rounds up to 2**(e+1): the scaled mantissa 1.5 -> 2
+        i = (i + (1 << (sh - 1))) & ~((1 << sh) - 1)
+    else:
+        i = (i + ((1 << (sh - 1)) - 1) + ((i >> sh) & 1)) & ~((1 << sh) - 1)
+    normal = i.view(torch.float32)
+    magic = 2.0 ** (fmt.emin - fmt.mbits + 23)  # float32 addition rounds to the subnormal step
+    sub = (a + magic) - magic
+    r = torch.where(a < 2.0 ** fmt.emin, sub, normal).clamp_(max=fmt.max)
+    if fmt.signed:
+        return r.copysign_(u)
+    return torch.where(u > 0, r, torch.zeros_like(r))
+
+
+def fake_quant(x: torch.Tensor, fmt: Format, scale, zero=None) -> torch.Tensor:
+    """Values of :func:`exporter.quantizers.fake_quantize` (same float ops), without autograd."""
+    if zero is not None and not fmt.signed:
+        return zero + scale * grid_round((x - zero) / scale, fmt)
+    return scale * grid_round(x / scale, fmt)
+
+
+def is_aal(x_min: float, x_max: float) -> bool:
+    """The AAL rule of the module doc, on a layer input's calibrated min and max."""
+    return x_max > 0 and -x_min <= max(AAL_RATIO * x_max, SILU_FLOOR)
+
+
+@dataclass
+class SearchSpace:
+    """What the per-layer search may choose from, and how hard it looks."""
+
+    w_formats: tuple[str, ...] = SIGNED_FP4
+    a_signed: tuple[str, ...] = SIGNED_FP4
+    a_unsigned: tuple[str, ...] = UNSIGNED_FP4  # () = signed only (no mixup)
+    a_mode: str | None = "static"  # "static" | "dynamic" | None (activations not quantized)
+    mixed_precision: bool = True
+    smoothing: bool = True
+    exhaustive: bool = False
+    w_clips: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+    a_clips: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.28, 0.22, 0.16)
+    refine_w: int = 2
+    refine_a: int = 3
+    max_cols: int = 256  # weight columns for the per-channel clip proxy
+    max_rows: int = 256  # output channels for the refine steps
+    proxy_elements: int = 1 << 15  # activation elements for the dynamic-mode proxy
+    proxy_bins: int = 2048  # histogram bins for the static activation proxy
+    mp_step: int = 8  # granularity of the mixed-precision count k
+
+
+@dataclass
+class LayerChoice:
+    """The search's result for one layer (everything ``apply_choice`` writes into it)."""
+
+    aal: bool
+    w_format: str
+    w_scale: torch.Tensor  # [N]
+    w_bits: torch.Tensor  # [N] int8
+    a_format: str | None
+    a_mode: str | None
+    a_scale: float
+    a_zero: float
+    smooth: torch.Tensor | None  # [C]
+    sqnr_db: float  # output SQNR on the captured rows, all output channels
+    mp_k: int = 0
+    info: dict = field(default_factory=dict)
+
+
+def _sqnr(signal: float, noise: float) -> float:
+    return float("inf") if noise <= 0 else 10.0 * math.log10(max(signal, 1e-30) / noise)
+
+
+class _Problem:
+    """One layer's search data, with the subsamples fixed once so options compare fairly."""
+
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, taps: int, ch_min, ch_max, space: SearchSpace,
+                 gen: torch.Generator):
+        self.x, self.w, self.taps, self.space = x, w, taps, space
+        self.ch_min, self.ch_max = ch_min.float(), ch_max.float()
+        n_out, k = w.shape
+        full = space.exhaustive
+        self.cols = None if full or k <= space.max_cols else torch.randperm(k, generator=gen)[:space.max_cols]
+        self.rows = None if full or n_out <= space.max_rows else \
+            torch.randperm(n_out, generator=gen)[:space.max_rows]
+        # the activation proxy is a per-tensor statistic: a few thousand elements estimate it well
+        n_proxy = max(16, space.proxy_elements // max(k, 1))
+        self.proxy = None if full or x.shape[0] <= n_proxy else torch.randperm(x.shape[0], generator=gen)[:n_proxy]
+        self.y = x @ w.T  # FP reference [n, N]
+        self.y_r = self.y if self.rows is None else self.y[:, self.rows]
+
+    def pick_rows(self, t: torch.Tensor) -> torch.Tensor:
+        return t if self.rows is None else t[self.rows]
+
+
+def _weight_scales(p: _Problem, xs: torch.Tensor, ws: torch.Tensor, fmt: Format):
+    """Per-channel scales for ``fmt`` and the per-channel score they reach.
+
+    Pruned: clip per channel by its own weight MSE on sampled columns (all
+    clips in one batched call). Exhaustive: clip per channel by its output MSE
+    over all rows.
+    """
+    amax = ws.abs().amax(1)
+    clips = torch.tensor(p.space.w_clips)
+    scales = torch.where(amax > 0, clips[:, None] * amax / fmt.max, torch.ones_like(amax))  # [C, N]
+    if p.space.exhaustive:
+        err = torch.stack([(xs @ fake_quant(ws, fmt, s[:, None]).T - p.y).pow(2).sum(0) for s in scales])
+    else:
+        sub = ws if p.cols is None else ws[:, p.cols]
+        err = torch.cat([(fake_quant(sub, fmt, s[:, :, None]) - sub).pow(2).sum(-1)
+                         for s in _chunks(scales, sub.numel())])
+    best = err.argmin(0)
+    return scales.gather(0, best[None])[0], err.gather(0, best[None])[0]
+
+
+def _chunks(scales: torch.Tensor, per_candidate: int, budget: int = 1 << 24):
+    """Split the candidate axis so one batched quantization stays under ``budget`` elements."""
+    step = max(1, budget // max(per_candidate, 1))
+    return [scales[i:i + step] for i in range(0, scales.shape[0], step)]
+
+
+def _search_weights(p: _Problem, xs, ws) -> tuple[str, torch.Tensor, dict]:
+    scored = []
+    for name in p.space.w_formats:
+        scale, err = _weight_scales(p, xs, ws, get_format(name))
+        scored.append((float(err.sum()), name, scale))
+    scored.sort(key=lambda s: s[0])
+    keep = scored if p.space.exhaustive else scored[:max(1, p.space.refine_w)]
+    refined = []
+    for _, name, scale in keep:
+        wq = fake_quant(p.pick_rows(ws), get_format(name), p.pick_rows(scale)[:, None])
+        refined.append((float((xs @ wq.T - p.y_r).pow(2).sum()), name, scale))
+    err, name, scale = min(refined, key=lambda s: s[0])
+    return name, scale, {"proxy": {n: e for e, n, _ in scored}, "refined": {n: e for e, n, _ in refined}}
+
+
+def _act_params(fmt: Format, clip: float, lo: float, hi: float):
+    if fmt.signed:
+        return max(clip * max(abs(lo), abs(hi)) / fmt.max, 1e-8), None
+    return max(clip * (hi - lo) / fmt.max, 1e-8), lo
+
+
+def _act_quant(x: torch.Tensor, fmt: Format, mode: str, scale, zero):
+    if mode == "dynamic":
+        if fmt.signed:
+            s = (x.abs().amax(-1, keepdim=True) / fmt.max).clamp_min(1e-8)
+            return fake_quant(x, fmt, s)
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+        return fake_quant(x, fmt, ((hi - lo) / fmt.max).clamp_min(1e-8), lo)
+    return fake_quant(x, fmt, torch.tensor(scale), None if zero is None else torch.tensor(zero))
+
+
+def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode) -> tuple[tuple, dict]:
+    """Best (format, clip, scale, zero, error) for the activation quantizer."""
+    clips = (1.0,) if mode == "dynamic" else p.space.a_clips
+
+    def out_err(name, ci):
+        fmt = get_format(name)
+        scale, zero = _act_params(fmt, clips[ci], lo, hi)
+        xq = _act_quant(xs, fmt, mode, scale, zero)
+        return float((xq @ wq_r.T - p.y_r).pow(2).sum()), name, clips[ci], scale, zero
+
+    if p.space.exhaustive:
+        cands = [out_err(n, ci) for n in formats for ci in range(len(clips))]
+        return min(cands, key=lambda c: c[0]), {"candidates": len(cands)}
+    best_clip = {}
+    if mode == "static":  # the tensor's own MSE, from a histogram of all its captured values
+        hi = max(hi, lo + 1e-6)
+        counts = torch.histc(xs, bins=p.space.proxy_bins, min=lo, max=hi)
+        edges = torch.linspace(lo, hi, p.space.proxy_bins + 1)
+        centers = (edges[1:] + edges[:-1]) / 2
+    else:  # per-token scales: measure on sampled tokens
+        xp = xs if p.proxy is None else xs[p.proxy]
+    for name in formats:
+        fmt = get_format(name)
+        params = [_act_params(fmt, c, lo, hi) for c in clips]
+        if mode == "dynamic":
+            errs = [float((_act_quant(xp, fmt, mode, *params[0]) - xp).pow(2).sum())]
+        else:
+            scale = torch.tensor([sp for sp, _ in params])[:, None]
+            zero = None if fmt.signed else torch.tensor(lo)
+            errs = ((fake_quant(centers, fmt, scale, zero) - centers).pow(2) * counts).sum(1).tolist()
+        ci = min(range(len(clips)), key=errs.__getitem__)
+        best_clip[name] = (errs[ci], ci)
+    ranked = sorted(formats, key=lambda n: best_clip[n][0])[:max(1, p.space.refine_a)]
+    cands = []
+    for name in ranked:
+        ci = best_clip[name][1]
+        for cj in {max(ci - 1, 0), ci, min(ci + 1, len(clips) - 1)}:
+            cands.append(out_err(name, cj))
+    return min(cands, key=lambda c: c[0]), {"proxy": {n: best_clip[n][0] for n in formats},
+                                            "candidates": len(cands)}
+
+
+def _expand(v: torch.Tensor, taps: int) -> torch.Tensor:
+    """Per-channel [C] -> per-column [C * taps] (im2col order)."""
+    return v if taps == 1 else v.repeat_interleave(taps)
+
+
+def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch_min: torch.Tensor,
+                 ch_max: torch.Tensor, taps: int, space: SearchSpace, seed: int = 0,
+                 dynamic_ok: bool = True) -> LayerChoice:
+    """Search one layer's formats, scales, smoothing and bit allocation.
+
+    x: [n, K] captured input rows; w: [N, K] (Conv2d weights flattened, im2col
+    order); ch_min / ch_max: [C] input channel ranges over all calibration
+    tokens (K = C * taps). ``dynamic_ok``: False for layers whose rows are
+    im2col patches (per-token dynamic quantization is searched on Linear only;
+    Conv2d layers fall back to static).
+    """
+    x, w = x.float(), w.float()
+    gen = torch.Generator().manual_seed(seed)
+    p = _Problem(x, w, taps, ch_min, ch_max, space, gen)
+    aal = is_aal(float(ch_min.min()), float(ch_max.max()))
+    mode = space.a_mode if (space.a_mode != "dynamic" or dynamic_ok) else "static"
+    a_formats = tuple(space.a_signed) + (tuple(space.a_unsigned) if aal else ())
+
+    options = [None]
+    if space.smoothing and space.mixed_precision:
+        x_absmax = torch.maximum(ch_min.abs(), ch_max.abs())
+        w_absmax = w.abs().amax(0).view(-1, taps).amax(1)
+        options.append(smoothing_factors(x_absmax, w_absmax))
+    results = []
+    for smooth in options:
+        if smooth is None:
+            xs, ws, lo, hi = x, w, float(ch_min.min()), float(ch_max.max())
+        else:
+            col = _expand(smooth, taps)
+            xs, ws = x / col, w * col
+            lo, hi = float((ch_min / smooth).min()), float((ch_max / smooth).max())
+        w_name, w_scale, w_info = _search_weights(p, xs, ws)
+        wq_r = fake_quant(p.pick_rows(ws), get_format(w_name), p.pick_rows(w_scale)[:, None])
+        if mode is None:
+            act = (float((xs @ wq_r.T - p.y_r).pow(2).sum()), None, 1.0, 1.0, None)
+            a_info = {}
+        else:
+            act, a_info = _search_activations(p, xs, wq_r, a_formats, lo, hi, mode)
+        results.append((act[0], smooth, xs, ws, w_name, w_scale, act, {"weights": w_info, "acts": a_info}))
+    err_r, smooth, xs, ws, w_name, w_scale, act, info = min(results, key=lambda r: r[0])
+    info["smoothing_errors"] = [r[0] for r in results]
+    _, a_name, a_clip, a_scale, a_zero = act
+
+    # per-channel output errors at the chosen width (and its neighbours for mixed precision)
+    if a_name is None:
+        xq = xs
+    else:
+        xq = _act_quant(xs, get_format(a_name), mode, a_scale, a_zero)
+    w_fmt = get_format(w_name)
+
+    def channel_err(fmt, scale):
+        return (xq @ fake_quant(ws, fmt, scale[:, None]).T - p.y).pow(2).sum(0)
+
+    err_mid = channel_err(w_fmt, w_scale)
+    bits = torch.full((w.shape[0],), w_fmt.bits, dtype=torch.int8)
+    scale, k, total = w_scale, 0, float(err_mid.sum())
+    if space.mixed_precision and w.shape[0] >= 2 * space.mp_step and w_fmt.bits >= 3:
+        lo_fmt, hi_fmt = with_bits(w_fmt, w_fmt.bits - 1), with_bits(w_fmt, w_fmt.bits + 1)
+        lo_scale, _ = _weight_scales(p, xs, ws, lo_fmt)
+        hi_scale, _ = _weight_scales(p, xs, ws, hi_fmt)
+        err_lo, err_hi = channel_err(lo_fmt, lo_scale), channel_err(hi_fmt, hi_scale)
+        bits, k, total = allocate_bits(err_lo, err_mid, err_hi, kurtosis(ws), w_fmt.bits, space.mp_step)
+        scale = torch.where(bits > w_fmt.bits, hi_scale, torch.where(bits < w_fmt.bits, lo_scale, w_scale))
+        info["mp_errors"] = {"uniform": float(err_mid.sum()), "mixed": total}
+    y_full = p.y if bias is None else p.y + bias.float()
+    return LayerChoice(
+        aal=aal, w_format=w_name, w_scale=scale.contiguous(), w_bits=bits,
+        a_format=a_name, a_mode=mode if a_name else None, a_scale=float(a_scale),
+        a_zero=float(a_zero) if a_zero is not None else 0.0,
+        smooth=None if smooth is None else smooth.contiguous(),
+        sqnr_db=_sqnr(float(y_full.pow(2).sum()), total), mp_k=k, info=info)
+
+
+def apply_choice(layer, choice: LayerChoice) -> None:
+    """Write a :class:`LayerChoice` into a QuantLinear / QuantConv2d."""
+    with torch.no_grad():
+        layer.w_quant.set_format(choice.w_format)
+        layer.w_quant.scale.copy_(choice.w_scale)
+        layer.w_quant.bits.copy_(choice.w_bits)
+        if choice.a_format is None:
+            layer.a_quant.enabled = False
+        else:
+            layer.a_quant.enabled = True
+            layer.a_quant.set_format(choice.a_format)
+            layer.a_quant.mode = choice.a_mode
+            layer.a_quant.scale.fill_(choice.a_scale)
+            layer.a_quant.zero_point.fill_(0.0 if layer.a_quant.fmt.signed else choice.a_zero)
+        layer.smooth = None if choice.smooth is None else choice.smooth.clone().float()
+    layer.aal = choice.aal

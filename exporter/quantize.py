@@ -1,0 +1,322 @@
+"""The quantize stage: FP UNet -> MSFP-quantized UNet (+ report), usable from Python and the CLI.
+
+    model, report = quantize_model("sdxl-tiny", scheme="w4a4", finetune_steps=40)
+    save_checkpoint(model, "models/sdxl-tiny-w4a4", report)
+
+Steps: build the preset (weights or seeded random) -> calibration trajectories
+with per-layer captures -> per-layer MSFP search (formats, scales, AAL,
+MPQ-DM smoothing and bits) -> swap in QuantLinear / QuantConv2d -> optional
+TALoRA + DFA fine-tuning -> frozen router table. All quantization state lives
+in the quantized layers (``w_quant``, ``a_quant``, ``smooth``, ``lora``) and in
+``unet.talora``; ``exporter.checkpoint`` saves exactly that.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .calibration import CalibConfig, CalibrationData, collect_calibration
+from .cli import UserError
+from .formats import SIGNED_FP4, UNSIGNED_FP4
+from .layers import QUANT_LAYERS, quant_layers, swap_quant_layers
+from .models.presets import Preset, get_preset, run_unet
+from .msfp import SIGNED_FP8, UNSIGNED_FP8, LayerChoice, SearchSpace, apply_choice, search_layer
+
+#: weight / activation settings per scheme (weights are always 4-bit FP)
+SCHEMES = {
+    "w4a4": {"a_signed": SIGNED_FP4, "a_unsigned": UNSIGNED_FP4, "a_mode": "static"},
+    "w4a8": {"a_signed": SIGNED_FP8, "a_unsigned": UNSIGNED_FP8, "a_mode": "static"},
+    "w4a16": {"a_signed": (), "a_unsigned": (), "a_mode": None},
+}
+#: models above this many parameters skip the end-to-end evaluation unless asked
+#: (on a CPU each quantized SDXL forward re-quantizes 2.6 B weights: about a minute)
+EVAL_AUTO_MAX_PARAMS = 200_000_000
+
+
+@dataclass
+class QuantizeConfig:
+    """Options of the quantize stage; ``None`` means the preset's default for the device."""
+
+    scheme: str = "w4a4"
+    calib_samples: int | None = None
+    calib_steps: int | None = None
+    resolution: int | None = None
+    scheduler: str = "euler"
+    calib_embeddings: str | None = None
+    max_tokens: int | None = None
+    finetune_steps: int | None = None
+    lora_rank: int = 4
+    adapters: int = 4
+    finetune_lr: float = 1e-3
+    finetune_batch: int = 2
+    include: str | None = None  # regex: only layers whose name matches are quantized
+    exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
+    act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
+    search: str = "pruned"  # or "exhaustive"
+    mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
+    mixed_precision: bool = True  # MPQ-DM smoothing + N-1/N/N+1 bits
+    seed: int = 0
+    device: str | None = None
+    evaluate: bool | None = None  # end-to-end metrics (None: only for models < 200 M parameters)
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise UserError(f"unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
+        if self.search not in ("pruned", "exhaustive"):
+            raise UserError(f"search must be 'pruned' or 'exhaustive', got {self.search!r}")
+        if self.act_mode not in ("static", "dynamic"):
+            raise UserError(f"activation mode must be 'static' or 'dynamic', got {self.act_mode!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
+            raise UserError(f"--lora-rank must be a positive integer, got {self.lora_rank!r}")
+        if not isinstance(self.adapters, int) or self.adapters < 1:
+            raise UserError(f"--adapters (TALoRA K) must be a positive integer, got {self.adapters!r}")
+        if self.finetune_steps is not None and self.finetune_steps < 0:
+            raise UserError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value:
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise UserError(f"--{name} {value!r} is not a valid regular expression ({err})") from None
+
+    def search_space(self) -> SearchSpace:
+        s = SCHEMES[self.scheme]
+        return SearchSpace(
+            a_signed=s["a_signed"], a_unsigned=s["a_unsigned"] if self.mixup else (),
+            a_mode=None if s["a_mode"] is None else self.act_mode,
+            mixed_precision=self.mixed_precision, smoothing=self.mixed_precision,
+            exhaustive=self.search == "exhaustive")
+
+
+@dataclass
+class QuantizeReport:
+    preset: str
+    scheme: str
+    config: dict
+    base_config_hash: str
+    random_weights: bool
+    layers: list[dict] = field(default_factory=list)
+    kept_fp: list[str] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    finetune: dict | None = None
+    seconds: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """JSON-ready (non-finite floats become None)."""
+        return _json_safe(dataclasses.asdict(self))
+
+    def summary(self) -> str:
+        n = len(self.layers)
+        aal = sum(r["aal"] for r in self.layers)
+        unsigned = sum(1 for r in self.layers if (r["a_format"] or "").startswith("u"))
+        mixed = sum(1 for r in self.layers if r["mp_k"] > 0)
+        smooth = sum(r["smooth"] for r in self.layers)
+        sq = [r["sqnr_db"] for r in self.layers if math.isfinite(r["sqnr_db"])]
+        lines = [
+            f"{self.preset} {self.scheme}: {n} layers quantized, {len(self.kept_fp)} kept in higher precision",
+            f"  AAL inputs {aal}, unsigned activation formats {unsigned}, smoothed {smooth}, mixed-precision {mixed}",
+            f"  per-layer output SQNR (calibration rows): median {_median(sq):.2f} dB, min {min(sq, default=0):.2f} dB",
+        ]
+        for k, v in self.metrics.items():
+            lines.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+        lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
+        return "\n".join(lines)
+
+
+def _json_safe(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return v[len(v) // 2] if v else float("nan")
+
+
+def select_layers(model: nn.Module, include: str | None, exclude: str | None) -> tuple[list[str], list[str]]:
+    """(names to quantize, Linear/Conv2d names kept in higher precision), in module order."""
+    inc = re.compile(include) if include else None
+    exc = re.compile(exclude) if exclude else None
+    quantize, keep = [], []
+    for name, m in model.named_modules():
+        if type(m) not in QUANT_LAYERS or not name:
+            continue
+        if (inc is None or inc.search(name)) and not (exc and exc.search(name)):
+            quantize.append(name)
+        else:
+            keep.append(name)
+    return quantize, keep
+
+
+def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], space: SearchSpace,
+                  seed: int = 0, progress: Callable[[str], None] | None = None,
+                  keep_captures: bool = False) -> dict[str, LayerChoice]:
+    """Run the MSFP search on each captured layer of the FP ``model``."""
+    choices = {}
+    for i, name in enumerate(names):
+        cap = calib.layers[name] if keep_captures else calib.layers.pop(name)
+        layer = model.get_submodule(name)
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float().cpu()
+        bias = None if layer.bias is None else layer.bias.detach().float().cpu()
+        choices[name] = search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space,
+                                     seed=seed + i, dynamic_ok=cap.kind == "linear")
+        if progress and ((i + 1) % max(1, len(names) // 20) == 0 or i + 1 == len(names)):
+            progress(f"search: layer {i + 1}/{len(names)}")
+        del cap
+    return choices
+
+
+def apply_choices(model: nn.Module, choices: dict[str, LayerChoice]) -> nn.Module:
+    """Swap the chosen layers for QuantLinear / QuantConv2d in place and write the choices into them."""
+    def make(name, layer):
+        q = QUANT_LAYERS[type(layer)](layer)
+        apply_choice(q, choices[name])
+        return q.to(layer.weight.device)
+
+    swap_quant_layers(model, include=lambda n: n in choices, factory=make)
+    for _, layer in quant_layers(model):
+        for p in list(layer.w_quant.parameters()) + list(layer.a_quant.parameters()):
+            p.requires_grad_(False)
+    return model
+
+
+def layer_rows(model: nn.Module, choices: dict[str, LayerChoice]) -> list[dict]:
+    rows = []
+    for name, c in choices.items():
+        layer = model.get_submodule(name)
+        bits = torch.bincount(c.w_bits.long(), minlength=9)
+        rows.append({
+            "name": name, "type": "Conv2d" if layer.weight.dim() == 4 else "Linear",
+            "out": int(layer.weight.shape[0]), "fan_in": int(layer.weight[0].numel()),
+            "aal": c.aal, "w_format": c.w_format,
+            "w_bits": {str(b): int(bits[b]) for b in range(9) if bits[b]},
+            "mp_k": c.mp_k, "a_format": c.a_format, "a_mode": c.a_mode,
+            "a_scale": c.a_scale, "a_zero": c.a_zero, "smooth": c.smooth is not None,
+            "sqnr_db": c.sqnr_db,
+        })
+    return rows
+
+
+def eps_metrics(model: nn.Module, calib: CalibrationData) -> dict:
+    """End-to-end noise-prediction SQNR and DFA loss on the evaluation samples."""
+    from .finetune import dfa_weights
+
+    weights = dfa_weights([r.dfa for r in calib.records])
+    idx = torch.tensor(calib.eval_samples())
+    device = next(model.parameters()).device
+    sig = err = dfa = 0.0
+    with torch.no_grad():
+        for r in calib.records:
+            inputs = {k: (v[idx] if v.dim() > 0 else v).to(device) for k, v in r.inputs.items()}
+            eps = run_unet(model, inputs).float().cpu()
+            ref = r.eps[idx]
+            sig += float(ref.pow(2).sum())
+            e = float((eps - ref).pow(2).sum())
+            err += e
+            dfa += weights[r.step] * e / ref.numel()
+    return {"eps_sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"),
+            "dfa_loss": dfa / len(calib.records)}
+
+
+def calib_config(preset: Preset, cfg: QuantizeConfig, device: str) -> CalibConfig:
+    d = preset.defaults(device)
+    return CalibConfig(
+        samples=cfg.calib_samples or d.samples, steps=cfg.calib_steps or d.steps,
+        resolution=cfg.resolution or d.resolution, scheduler=cfg.scheduler, seed=cfg.seed,
+        embeddings=cfg.calib_embeddings, max_tokens=cfg.max_tokens or d.max_tokens)
+
+
+def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *,
+                   model_path: str | None = None, model: nn.Module | None = None,
+                   progress: Callable[[str], None] | None = None, **overrides):
+    """Quantize a preset's UNet; returns ``(model, QuantizeReport)``.
+
+    preset: name in ``exporter.models.PRESETS`` or a Preset. config / overrides:
+    :class:`QuantizeConfig` fields (``quantize_model("sdxl-tiny", scheme="w4a8")``).
+    model: an already built FP UNet of that preset (else built from
+    ``model_path`` or seeded random weights). The returned model is the same
+    UNet with QuantLinear / QuantConv2d layers, ``unet.talora`` when
+    fine-tuned, and ``unet.quantization`` (a dict: preset, scheme, config hash).
+    """
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
+    cfg.validate()
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    say = progress or (lambda msg: None)
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    random_weights = model is None and model_path is None
+    if model is None:
+        say(f"building {preset.name}" + (f" from {model_path}" if model_path else " (seeded random weights)"))
+        model = preset.build(model_path, seed=cfg.seed, device=device)
+    seconds["build"] = time.perf_counter() - t0
+
+    exclude = preset.keep_fp if cfg.exclude is None else cfg.exclude
+    names, kept = select_layers(model, cfg.include, exclude)
+    if not names:
+        raise UserError(f"no layer of {preset.name} matches --include {cfg.include!r} / --exclude {exclude!r}")
+    ccfg = calib_config(preset, cfg, device)
+    t = time.perf_counter()
+    calib = collect_calibration(model, preset, ccfg, capture=names, progress=say)
+    seconds["calibrate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    space = cfg.search_space()
+    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say)
+    rows = layer_rows(model, choices)
+    apply_choices(model, choices)
+    seconds["search"] = time.perf_counter() - t
+    model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
+                          "base_config_hash": preset.config_hash(), "random_weights": random_weights}
+
+    evaluate = cfg.evaluate
+    if evaluate is None:
+        evaluate = sum(p.numel() for p in model.parameters()) < EVAL_AUTO_MAX_PARAMS
+    metrics: dict = {}
+    t = time.perf_counter()
+    if evaluate:
+        say("evaluating the quantized UNet on " + ("held-out" if calib.holdout else "calibration") + " samples")
+        m = eps_metrics(model, calib)
+        metrics.update({f"ptq_{k}": v for k, v in m.items()})
+    seconds["evaluate"] = time.perf_counter() - t
+
+    steps = preset.defaults(device).finetune_steps if cfg.finetune_steps is None else cfg.finetune_steps
+    ft = None
+    if steps > 0:
+        from .finetune import finetune
+
+        say(f"TALoRA + DFA fine-tuning: {steps} steps, K={cfg.adapters}, rank {cfg.lora_rank}")
+        res = finetune(model, calib, steps, rank=cfg.lora_rank, num_adapters=cfg.adapters, lr=cfg.finetune_lr,
+                       batch=cfg.finetune_batch, seed=cfg.seed, progress=say)
+        ft = dataclasses.asdict(res)
+        ft.update({"rank": cfg.lora_rank, "adapters": cfg.adapters, "lr": cfg.finetune_lr})
+        seconds["finetune"] = res.seconds
+        if evaluate:
+            m = eps_metrics(model, calib)
+            metrics.update({f"finetuned_{k}": v for k, v in m.items()})
+    model.eval()
+
+    report = QuantizeReport(
+        preset=preset.name, scheme=cfg.scheme, config=dataclasses.asdict(cfg),
+        base_config_hash=preset.config_hash(), random_weights=random_weights, layers=rows, kept_fp=kept,
+        calibration={"samples": ccfg.samples, "steps": ccfg.steps, "resolution": ccfg.resolution,
+                     "scheduler": ccfg.scheduler, "timesteps": calib.timesteps, "train": calib.train,
+                     "holdout": calib.holdout, "max_tokens": ccfg.max_tokens,
+                     "embeddings": ccfg.embeddings or "seeded random"},
+        metrics=metrics, finetune=ft, seconds=seconds)
+    report.seconds["total"] = time.perf_counter() - t0
+    return model, report

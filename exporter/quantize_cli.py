@@ -1,0 +1,107 @@
+"""`export-engine quantize MODEL --w4a4 ...`: the quantize stage on its own.
+
+Writes ``OUT/quantized.safetensors`` + ``OUT/quantized.json`` (the quantized
+checkpoint, see exporter.checkpoint) and ``OUT/quantize_report.json`` (per-layer
+formats, bits and SQNR, calibration, metrics, timings). OUT defaults to
+``models/<MODEL>-<scheme>``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .cli import EXIT_OK, UserError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="MSFP-quantize a UNet (calibrate, search formats, fine-tune) into a checkpoint",
+        description="Quantize a diffusion UNet with MSFP mixup-sign FP4 formats, MPQ-DM mixed precision "
+                    "and optional TALoRA + DFA fine-tuning; writes a quantized checkpoint.")
+    p.add_argument("model", metavar="MODEL", help="model preset (see `export-engine list`): sdxl, sdxl-tiny")
+    scheme = p.add_mutually_exclusive_group(required=True)
+    for s, what in (("w4a4", "4-bit FP weights and activations"),
+                    ("w4a8", "4-bit FP weights, 8-bit FP activations"),
+                    ("w4a16", "4-bit FP weights, activations not quantized")):
+        scheme.add_argument(f"--{s}", dest="scheme", action="store_const", const=s, help=what)
+    p.add_argument("--model-path", metavar="P",
+                   help="diffusers folder (with unet/) or single-file .safetensors; default: seeded random weights")
+    p.add_argument("--out", metavar="DIR", help="output folder (default models/<MODEL>-<scheme>)")
+    g = p.add_argument_group("calibration")
+    g.add_argument("--calib-samples", type=int, metavar="N", help="sampler trajectories (default: preset, per device)")
+    g.add_argument("--calib-steps", type=int, metavar="N", help="sampler steps per trajectory")
+    g.add_argument("--calib-resolution", type=int, metavar="PX", help="image size in pixels (latent = PX/8)")
+    g.add_argument("--calib-embeddings", metavar="FILE",
+                   help=".safetensors with encoder_hidden_states [N,L,D] and text_embeds [N,P] (default: seeded random)")
+    g.add_argument("--scheduler", choices=("euler", "ddim"), default="euler", help="sampler for the trajectories")
+    g = p.add_argument_group("search")
+    g.add_argument("--include", metavar="REGEX", help="quantize only layers whose name matches")
+    g.add_argument("--exclude", metavar="REGEX",
+                   help="keep matching layers in higher precision (replaces the preset default "
+                        "'^(conv_in|conv_out|time_embedding\\.|add_embedding\\.)'; '' keeps none)")
+    g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
+                   help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
+    g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",
+                   help="pruned: proxy then refine the best few (default); exhaustive: every candidate by output MSE")
+    g.add_argument("--no-mixup", dest="mixup", action="store_false", help="signed formats only (no unsigned FP for AALs)")
+    g.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false",
+                   help="no MPQ-DM smoothing and per-channel N-1/N/N+1 bits")
+    g = p.add_argument_group("fine-tuning (TALoRA + DFA)")
+    g.add_argument("--finetune-steps", type=int, metavar="N", help="0 = PTQ only (default: preset, per device)")
+    g.add_argument("--lora-rank", type=int, default=4, metavar="R", help="rank of each TALoRA adapter (default 4)")
+    g.add_argument("--adapters", type=int, default=4, metavar="K", help="TALoRA adapters per layer (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights, latents and embeddings")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="print only the checkpoint path")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .atomic import atomic_write_json, check_writable_dir
+    from .checkpoint import save_checkpoint
+    from .models import get_preset
+    from .quantize import QuantizeConfig, quantize_model
+
+    preset = get_preset(args.model)
+    for flag, value in (("--lora-rank", args.lora_rank), ("--adapters", args.adapters)):
+        if value < 1:
+            raise UserError(f"{flag} must be a positive integer, got {value}")
+    if args.model_path and not Path(args.model_path).exists():
+        raise UserError(f"--model-path {args.model_path}: no such file or directory")
+    out = Path(args.out or Path("models") / f"{preset.name}-{args.scheme}")
+    try:
+        check_writable_dir(out)
+    except PermissionError as err:
+        from .cli import EXIT_OUTPUT
+
+        raise UserError(str(err), EXIT_OUTPUT) from None
+    cfg = QuantizeConfig(
+        scheme=args.scheme, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+        resolution=args.calib_resolution, scheduler=args.scheduler, calib_embeddings=args.calib_embeddings,
+        finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
+        include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
+        mixup=args.mixup, mixed_precision=args.mixed_precision, seed=args.seed, device=args.device)
+    start = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - start:7.1f}s] {msg}", flush=True)
+
+    def one_line_warning(message, category, filename, lineno, file=None, line=None):
+        print(f"export-engine: warning: {message}", file=sys.stderr, flush=True)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line_warning
+        model, report = quantize_model(preset, cfg, model_path=args.model_path, progress=progress)
+    progress(f"writing the checkpoint to {out}")
+    path = save_checkpoint(model, out, report)
+    atomic_write_json(out / "quantize_report.json", report.to_dict())
+    if not args.quiet:
+        print(report.summary())
+        print(f"checkpoint: {path} (+ {path.with_suffix('.safetensors').name}), report: {out / 'quantize_report.json'}")
+    else:
+        print(path)
+    return EXIT_OK
