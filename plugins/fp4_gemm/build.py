@@ -8,6 +8,7 @@ flags under :func:`cache_dir`, with a file lock, so parallel test workers share 
     build_plugin_library(trt_include)        -> .../libfp4gemm_plugin.so (TensorRT plugin)
     build_host_check()                       -> .../libfp4gemm_host_check.so (CPU numerics)
     build_dispatcher_library(with_wgmma)     -> the C API without device code (CPU tests)
+    build_plugin_selftest(trt_include)       -> the plugin's CPU self-test executable
     compile_objects(arch)                    -> object files: the per-architecture compile check
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ API_SOURCE = "fp4gemm_api.cpp"
 PLUGIN_SOURCE = "fp4gemm_plugin.cpp"
 HOST_CHECK_SOURCE = "fp4gemm_host_check.cpp"
 STUBS_SOURCE = "fp4gemm_launch_stubs.cpp"
+SELFTEST_SOURCE = "fp4gemm_plugin_selftest.cpp"
 HEADERS = ("fp4gemm.h", "fp4gemm_common.cuh", "fp4gemm_numerics.cuh", "fp4gemm_plugin.h")
 #: architectures of a full build; "90a" is sm_90 with the wgmma instructions
 ARCHS = ("80", "86", "89", "90a")
@@ -120,11 +122,14 @@ def compile_cuda(src: Path, archs: Sequence[str], out: Path, nvcc: str | None = 
 
 def compile_cxx(src: Path, out: Path, includes: Sequence[Path] = (), defines: Sequence[str] = (),
                 extra: Sequence[str] = ()) -> str:
-    """A host C++ file, through nvcc (which knows the CUDA include paths) and the host compiler."""
+    """A host C++ file, through nvcc (which knows the CUDA include paths) and the host compiler.
+
+    ``includes`` are searched as system headers (TensorRT's own headers warn about deprecations).
+    """
     nvcc = _need(find_nvcc(), "nvcc")
     host = ",".join(CXX_FLAGS[1:] + tuple(extra))  # -std goes to nvcc itself
-    cmd = [nvcc, "-std=c++17", f"-Xcompiler={host}", *[f"-D{d}" for d in defines],
-           *[f"-I{p}" for p in (HERE, *includes)], "-c", str(src), "-o", str(out)]
+    cmd = [nvcc, "-std=c++17", f"-Xcompiler={host}", *[f"-D{d}" for d in defines], f"-I{HERE}",
+           *[a for p in includes for a in ("-isystem", str(p))], "-c", str(src), "-o", str(out)]
     return _run(cmd)
 
 
@@ -141,10 +146,11 @@ def compile_objects(arch: str, out_dir: Path, jobs: int = 2) -> dict[str, str]:
 
 
 def _build_shared(name: str, archs: Sequence[str], extra_cxx: Sequence[tuple[Path, Sequence[Path]]],
-                  out_dir: Path | None, jobs: int, link_flags: Sequence[str] = ()) -> Path:
+                  out_dir: Path | None, jobs: int, link_flags: Sequence[str] = (),
+                  cuda_sources: Sequence[str] = CUDA_SOURCES) -> Path:
     nvcc = _need(find_nvcc(), "nvcc")
     defines = ["FP4GEMM_HAS_SM90A=1"] if "90a" in archs else []
-    sources = [HERE / s for s in CUDA_SOURCES] + [HERE / API_SOURCE] + [s for s, _ in extra_cxx]
+    sources = [HERE / s for s in cuda_sources] + [HERE / API_SOURCE] + [s for s, _ in extra_cxx]
     key = _hash(sources + _headers(), name, *archs, *NVCC_FLAGS, *CXX_FLAGS)
     out_dir = Path(out_dir) if out_dir else cache_dir() / f"{name}-{key}"
     lib = out_dir / f"lib{name}.so"
@@ -155,7 +161,7 @@ def _build_shared(name: str, archs: Sequence[str], extra_cxx: Sequence[tuple[Pat
         obj_dir.mkdir(parents=True, exist_ok=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
             futs = [pool.submit(compile_cuda, HERE / s, archs, obj_dir / f"{s}.o", nvcc, defines)
-                    for s in CUDA_SOURCES]
+                    for s in cuda_sources]
             futs.append(pool.submit(compile_cxx, HERE / API_SOURCE, obj_dir / f"{API_SOURCE}.o",
                                     (), defines))
             for src, inc in extra_cxx:
@@ -164,8 +170,7 @@ def _build_shared(name: str, archs: Sequence[str], extra_cxx: Sequence[tuple[Pat
                 f.result()
         objs = sorted(str(p) for p in obj_dir.glob("*.o"))
         tmp = lib.with_suffix(".so.tmp")
-        _run([nvcc, "-shared", "-cudart", "shared", *[gencode(a) for a in archs], "-o", str(tmp),
-              *objs, *link_flags])
+        _run([nvcc, "-shared", "-cudart", "shared", "-o", str(tmp), *objs, *link_flags])
         tmp.replace(lib)
     return lib
 
@@ -177,17 +182,23 @@ def build_kernel_library(archs: Sequence[str] = ARCHS, out_dir: Path | None = No
 
 
 def build_plugin_library(trt_include: Path, archs: Sequence[str] = ARCHS,
-                         out_dir: Path | None = None, jobs: int = 2) -> Path:
+                         out_dir: Path | None = None, jobs: int = 2, kernels: bool = True) -> Path:
     """libfp4gemm_plugin.so: the TensorRT plugin with the kernels linked in.
 
     TensorRT's runtime is not linked: ``getPluginRegistry`` resolves against the TensorRT library
     already loaded in the process (plugins.loader loads it with RTLD_GLOBAL first).
+    ``kernels=False`` links the stub launchers instead of device code: a plugin that registers,
+    creates and plans but cannot run (fast to build; the CPU registry tests use it).
     """
     trt_include = Path(trt_include)
     if not (trt_include / "NvInfer.h").exists():
         raise BuildError(f"{trt_include} holds no NvInfer.h")
-    return _build_shared("fp4gemm_plugin", archs, [(HERE / PLUGIN_SOURCE, [trt_include])],
-                         out_dir, jobs)
+    extra = [(HERE / PLUGIN_SOURCE, [trt_include])]
+    if not kernels:
+        extra.append((HERE / STUBS_SOURCE, []))
+    name = "fp4gemm_plugin" if kernels else "fp4gemm_plugin_nokernels"
+    return _build_shared(name, archs if kernels else (), extra, out_dir, jobs,
+                         cuda_sources=CUDA_SOURCES if kernels else ())
 
 
 def compile_plugin_object(trt_include: Path, out_dir: Path) -> str:
@@ -195,6 +206,19 @@ def compile_plugin_object(trt_include: Path, out_dir: Path) -> str:
     out_dir.mkdir(parents=True, exist_ok=True)
     return compile_cxx(HERE / PLUGIN_SOURCE, out_dir / "fp4gemm_plugin.o", [Path(trt_include)],
                        extra=("-Wextra", "-Werror"))
+
+
+def find_tensorrt_include() -> Path | None:
+    """TensorRT's headers: $TensorRT_INCLUDE_DIR, $TENSORRT_ROOT/include, or the repository's
+    third_party/TensorRT/include (fetched from the public NVIDIA/TensorRT repository; git-ignored)."""
+    candidates = [os.environ.get("TensorRT_INCLUDE_DIR")]
+    if os.environ.get("TENSORRT_ROOT"):
+        candidates.append(os.path.join(os.environ["TENSORRT_ROOT"], "include"))
+    candidates.append(str(HERE.parent.parent / "third_party" / "TensorRT" / "include"))
+    for c in candidates:
+        if c and (Path(c) / "NvInfer.h").exists() and (Path(c) / "NvInferRuntimePlugin.h").exists():
+            return Path(c)
+    return None
 
 
 def build_host_check(out_dir: Path | None = None) -> Path:
@@ -237,3 +261,26 @@ def build_dispatcher_library(with_wgmma: bool = True, out_dir: Path | None = Non
             _run([nvcc, "-shared", "-cudart", "shared", "-o", str(tmp), *objs])
             tmp.replace(lib)
     return lib
+
+
+def build_plugin_selftest(trt_include: Path, out_dir: Path | None = None) -> Path:
+    """The plugin's CPU self-test (fp4gemm_plugin_selftest.cpp): TensorRT headers, no TensorRT
+    library and no device code (the dispatcher build of the kernels)."""
+    nvcc = _need(find_nvcc(), "nvcc")
+    trt_include = Path(trt_include)
+    sources = [HERE / SELFTEST_SOURCE, HERE / PLUGIN_SOURCE, HERE / API_SOURCE, HERE / STUBS_SOURCE]
+    key = _hash(sources + _headers(), str(trt_include), *CXX_FLAGS)
+    out_dir = Path(out_dir) if out_dir else cache_dir() / f"selftest-{key}"
+    exe = out_dir / "fp4gemm_plugin_selftest"
+    with _locked(out_dir / "build"):
+        if not exe.exists():
+            out_dir.mkdir(parents=True, exist_ok=True)
+            objs = []
+            for src in sources:
+                obj = out_dir / f"{src.name}.o"
+                compile_cxx(src, obj, [trt_include], extra=("-Wextra", "-Werror"))
+                objs.append(str(obj))
+            tmp = out_dir / "fp4gemm_plugin_selftest.tmp"
+            _run([nvcc, "-cudart", "shared", "-o", str(tmp), *objs])
+            tmp.replace(exe)
+    return exe
