@@ -70,16 +70,16 @@ def _encode_channels(u: torch.Tensor, fmt: Format, channel_bits: list[int]) -> t
 @torch.library.custom_op("export_engine::quantize_fp", mutates_args=())
 def quantize_fp(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, signed: int,
                 ebits: int, mbits: int, channel_bits: list[int]) -> torch.Tensor:
-    """Static QuantizeFP: codes of (x - z) / s (z only for unsigned formats), uint8."""
+    """Static QuantizeFP: codes of (x - z) / s (z only for unsigned formats), as int8 bytes."""
     fmt = _fmt(signed, ebits, mbits)
     xf = x.float()
     u = xf / scale.float() if signed else (xf - zero_point.float()) / scale.float()
-    return _encode_channels(u, fmt, channel_bits)
+    return _encode_channels(u, fmt, channel_bits).view(torch.int8)
 
 
 @quantize_fp.register_fake
 def _(x, scale, zero_point, signed, ebits, mbits, channel_bits):
-    return torch.empty_like(x, dtype=torch.uint8)
+    return torch.empty_like(x, dtype=torch.int8)
 
 
 @torch.library.custom_op("export_engine::quantize_fp_dynamic", mutates_args=())
@@ -91,7 +91,7 @@ def quantize_fp_dynamic(x: torch.Tensor, signed: int, ebits: int, mbits: int,
     scale, zp = q.dynamic_params(x)
     zp = torch.zeros_like(scale) if zp is None else zp
     xf = x.float()
-    return fmt.encode_torch((xf - zp) / scale), scale, zp
+    return fmt.encode_torch((xf - zp) / scale).view(torch.int8), scale, zp
 
 
 @quantize_fp_dynamic.register_fake
@@ -99,7 +99,7 @@ def _(x, signed, ebits, mbits, axis):
     shape = list(x.shape)
     shape[axis] = 1
     s = x.new_empty(shape, dtype=torch.float32)
-    return torch.empty_like(x, dtype=torch.uint8), s, s.clone()
+    return torch.empty_like(x, dtype=torch.int8), s, s.clone()
 
 
 @torch.library.custom_op("export_engine::dequantize_fp", mutates_args=())
@@ -112,7 +112,7 @@ def dequantize_fp(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
     lo, row = min(channel_bits), 1 << max(channel_bits)
     offset = (torch.tensor(channel_bits) - lo) * row
     offset = offset.view((-1,) + (1,) * (codes.dim() - 1))
-    vals = table[codes.long() + offset]
+    vals = table[(codes.long() & 255) + offset]
     s, z = scale.float(), zero_point.float()
     y = s * vals if signed else z + s * vals
     return y.to(dtype)
@@ -142,12 +142,12 @@ def _register_schemas() -> None:
     schemas = [
         OpSchema("QuantizeFP", onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION,
                  inputs=[p("x", "T"), p("scale", "S"), p("zero_point", "S")],
-                 outputs=[p("codes", "tensor(uint8)"), p("scale_used", "tensor(float)", True),
+                 outputs=[p("codes", "tensor(int8)"), p("scale_used", "tensor(float)", True),
                           p("zero_point_used", "tensor(float)", True)],
                  type_constraints=[("T", floatish, ""), ("S", floatish, "")],
                  attributes=fmt_attrs + [attr("axes", ints), attr("dynamic", int_)]),
         OpSchema("DequantizeFP", onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION,
-                 inputs=[p("codes", "tensor(uint8)"), p("scale", "S"), p("zero_point", "S")],
+                 inputs=[p("codes", "tensor(int8)"), p("scale", "S"), p("zero_point", "S")],
                  outputs=[p("y", "T")],
                  type_constraints=[("T", floatish, ""), ("S", floatish, "")],
                  attributes=fmt_attrs + [attr("table", floats), attr("output_dtype", int_)]),
@@ -512,6 +512,8 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
             sel.__dict__.pop("export_index", None)
         model.train(was_training)
     ir_model = program.model
+    state = {n for n, _ in wrapper.named_parameters()} | {n for n, _ in wrapper.named_buffers()}
+    _fold_shape_constants(ir_model, state)
     _finish_model(ir_model, opset, dim_names or {}, [n for n, _ in layers], debug_outputs)
     data_path = _save_atomic(ir_model, path, external_data)
     return ExportResult(path, data_path, time.time() - start, len(layers), list(example_inputs))
@@ -608,6 +610,23 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
     model.ir_version = 10
     model.producer_name = "export-engine"
     model.producer_version = None
+
+
+def _fold_shape_constants(model, state_names: set[str]) -> None:
+    """Fold constant shape arithmetic and turn SplitToSequence/SequenceAt (from torch.split/chunk)
+    into Split, which TensorRT parses (and ONNX Runtime's Slice fusions need constant axes).
+    Nodes that read a model parameter or buffer (``state_names``) are never folded, so weights,
+    scales and the LoRA subgraph stay as exported (graph passes fold them on purpose)."""
+    import onnx_ir as ir
+    from onnxscript import optimizer
+
+    def reads_state(node) -> bool | None:
+        if any(v is not None and v.is_initializer() and v.name in state_names for v in node.inputs):
+            return False
+        return None
+
+    optimizer.fold_constants(model, should_fold=reads_state)
+    ir.passes.common.RemoveUnusedNodesPass()(model)
 
 
 def _scopes(text: str) -> list[str]:

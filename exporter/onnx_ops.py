@@ -243,7 +243,10 @@ _FORMAT_ATTRS = ("signed", "ebits", "mbits", "bias", "channel_bits")
 
 
 def quantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
-    """``QuantizeFP(x, scale, zero_point) -> (codes uint8, scale_used, zero_point_used)``.
+    """``QuantizeFP(x, scale, zero_point) -> (codes int8, scale_used, zero_point_used)``.
+
+    ``codes`` holds each code's byte as INT8 (codes 128..255 read as negative numbers; view the
+    tensor as uint8 to get the code): TensorRT accepts no UINT8 intermediate tensor.
 
     Static: ``u = (x - z) / s`` with ``z`` used only by unsigned formats; scale and
     zero point broadcast against x (numpy rules; per-channel weight scales are
@@ -267,7 +270,10 @@ def quantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     u2, shape = _by_channel(b, u, rows)
     codes = _encode(b, u2, f)
     codes = b.op("Reshape", codes, shape)
-    b.nodes.append(helper.make_node("Cast", [codes], ["codes"], to=TensorProto.UINT8))
+    # INT8 holding the code byte (c >= 128 reads as c - 256): TensorRT has no UINT8 intermediates
+    wrapped = b.op("Sub", codes, b.op("Mul", b.f32(b.op("GreaterOrEqual", codes, b.const(128.0))),
+                                      b.const(256.0)))
+    b.nodes.append(helper.make_node("Cast", [wrapped], ["codes"], to=TensorProto.INT8))
     b.nodes.append(helper.make_node("Identity", [scale], ["scale_used"]))
     b.nodes.append(helper.make_node("Identity", [zero_point], ["zero_point_used"]))
     return helper.make_function(
@@ -293,8 +299,10 @@ def dequantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
                    b.op("Add", b.op("Sub", b.i64(b.reduce_all("ReduceMax", bits)),
                                     b.i64(lo_bits)), b.const(1, np.int64)))
     offset = b.op("Mul", b.i64(b.op("Sub", bits, lo_bits)), row_len)  # [Cb, 1]
-    # TensorRT reshapes no UINT8 tensor: widen the codes first
-    c2, shape = _by_channel(b, b.op("Cast", "codes", to=TensorProto.INT32), rows)
+    c32 = b.op("Cast", "codes", to=TensorProto.INT32)
+    c32 = b.op("Where", b.op("Less", c32, b.const(0, np.int32)),
+               b.op("Add", c32, b.const(256, np.int32)), c32)  # the code byte, 0..255
+    c2, shape = _by_channel(b, c32, rows)
     idx = b.op("Add", b.i64(c2), offset)
     vals = b.op("Reshape", b.op("Gather", table, idx), shape)
     z = b.op("Mul", b.f32("zero_point"), b.op("Sub", b.const(1.0), signed))
@@ -525,7 +533,7 @@ def qdq_model(fmt: Format | str, x_shape: Sequence[int | str | None], *,
               channel_bits: Sequence[int] | None = None, axis: int = -1, dynamic: bool = False,
               scale: np.ndarray | float = 1.0, zero_point: np.ndarray | float = 0.0,
               x_dtype=np.float32, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """x -> QuantizeFP -> DequantizeFP -> y, plus the codes as a second output (for tests)."""
+    """x -> QuantizeFP -> DequantizeFP -> y, plus the codes (INT8 bytes) as a second output."""
     fmt = get_format(fmt) if isinstance(fmt, str) else fmt
     elem = helper.np_dtype_to_tensor_dtype(np.dtype(x_dtype))
     inits = [numpy_helper.from_array(np.asarray(scale, np.float32), "scale"),
@@ -539,5 +547,5 @@ def qdq_model(fmt: Format | str, x_shape: Sequence[int | str | None], *,
     graph = helper.make_graph(
         nodes, "qdq", [helper.make_tensor_value_info("x", elem, list(x_shape))],
         [helper.make_tensor_value_info("y", elem, list(x_shape)),
-         helper.make_tensor_value_info("codes", TensorProto.UINT8, list(x_shape))], inits)
+         helper.make_tensor_value_info("codes", TensorProto.INT8, list(x_shape))], inits)
     return make_model(graph, opset)

@@ -175,7 +175,7 @@ def _layer_parity(model, got: Mapping[str, np.ndarray]) -> list[LayerParity]:
                 continue
             a_in = torch.from_numpy(got[f"{name}.a_in"])
             codes = torch_act_codes(layer, a_in).numpy()
-            differ = int((codes != got[f"{name}.codes"]).sum())
+            differ = int((codes != got[f"{name}.codes"].view(np.uint8)).sum())
             out = torch_layer_from_act_input(layer, a_in).float().numpy()
             rows.append(LayerParity(name, differ, int(codes.size), diff(got[f"{name}.out"], out)))
     return rows

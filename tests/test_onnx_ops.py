@@ -47,7 +47,8 @@ def test_quantize_fp_codes_equal_formats_encode_bit_for_bit(name):
     model = oo.qdq_model(fmt, ["a", "b"])
     onnx.checker.check_model(model, full_check=True)
     y, codes = _ort(model, {"x": x})
-    np.testing.assert_array_equal(codes, fmt.encode(x, nan="zero"))
+    assert codes.dtype == np.int8  # the code bytes (TensorRT has no UINT8 intermediates)
+    np.testing.assert_array_equal(codes.view(np.uint8), fmt.encode(x, nan="zero"))
     zp = None if fmt.signed else torch.tensor(0.0)
     expect = fake_quantize(torch.from_numpy(x), fmt, torch.tensor(1.0), zp).numpy()
     np.testing.assert_array_equal(y, expect)  # NaN positions equal too (e4m3 keeps NaN)
@@ -65,7 +66,7 @@ def test_scale_and_zero_point_follow_fake_quantize(name):
     expect = fake_quantize(t, fmt, torch.tensor(scale), None if fmt.signed else torch.tensor(zp))
     np.testing.assert_array_equal(y, expect.numpy())
     u = x / scale if fmt.signed else (x - zp) / scale
-    np.testing.assert_array_equal(codes, fmt.encode(u.astype(np.float32), nan="zero"))
+    np.testing.assert_array_equal(codes.view(np.uint8), fmt.encode(u.astype(np.float32), nan="zero"))
 
 
 @pytest.mark.parametrize("name", ["e2m1", "ue2m2"])
@@ -107,7 +108,7 @@ def test_mixed_precision_channel_bits_match_weight_quantizer(name):
     np.testing.assert_array_equal(y, wq(torch.from_numpy(w)).detach().numpy())
     for c, bits in enumerate(wq.bits.tolist()):
         fmt = with_bits(base, bits)
-        np.testing.assert_array_equal(codes[c], fmt.encode(w[c] / scale[c], nan="zero"))
+        np.testing.assert_array_equal(codes[c].view(np.uint8), fmt.encode(w[c] / scale[c], nan="zero"))
 
 
 def test_onnx_runtime_equals_reference_evaluator():
