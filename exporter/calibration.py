@@ -129,9 +129,10 @@ def text_conditioning(preset: Preset, n: int, path: str | None, seed: int, text_
     """(encoder_hidden_states [n, L, D], text_embeds [n, P]) from ``path`` or seeded N(0, 1)."""
     cfg = preset.config()
     D, P, L = cfg["cross_attention_dim"], preset.text_embeds_dim, text_len or preset.text_len
-    if path is None:
-        g = torch.Generator().manual_seed(seed + 1)
-        return torch.randn(n, L, D, generator=g), torch.randn(n, P, generator=g), None
+    if path is None:  # one generator per sample: sample i is the same whatever n is
+        gens = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (i + 1)) for i in range(n)]
+        ehs = torch.stack([torch.randn(L, D, generator=g) for g in gens])
+        return ehs, torch.stack([torch.randn(P, generator=g) for g in gens]), None
     from safetensors.torch import load_file
 
     try:
@@ -167,8 +168,9 @@ def collect_calibration(model: nn.Module, preset: Preset, cfg: CalibConfig,
     dfa = denoising_factors(sched)
     S = cfg.samples
     h, w = preset._latent_hw(cfg.resolution, cfg.resolution)
-    g = torch.Generator().manual_seed(cfg.seed)
-    latents = torch.randn(S, preset.latent_channels, h, w, generator=g) * sched.init_noise_sigma
+    latents = torch.stack([
+        torch.randn(preset.latent_channels, h, w, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))
+        for i in range(S)]) * sched.init_noise_sigma
     ehs, pooled, time_ids = text_conditioning(preset, S, cfg.embeddings, cfg.seed)
     if time_ids is None:
         px = cfg.resolution
@@ -249,7 +251,8 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 
     Interior patches only: the quantized layer quantizes x before padding, so
     padded zeros stay exact zeros; excluding them keeps row-wise quantization
-    of these patches identical to the layer's own arithmetic.
+    of these patches identical to the layer's own arithmetic. (A map too small
+    to have any interior patch keeps all of them.)
     """
     if conv.groups != 1:
         raise ValueError("grouped convolutions are not supported by the calibration capture")
@@ -258,6 +261,7 @@ def conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         ones = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
         inside = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                           stride=conv.stride).amin(1)[0] > 0  # [L]
-        cols = cols[:, :, inside]
+        if inside.any():  # maps too small to have interior patches keep all (padded zeros then
+            cols = cols[:, :, inside]  # quantize like real zeros: exact for signed formats)
     # [B, C*taps, L] -> [B*L, C*taps]
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])

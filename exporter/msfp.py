@@ -257,21 +257,20 @@ def _expand(v: torch.Tensor, taps: int) -> torch.Tensor:
 
 
 def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch_min: torch.Tensor,
-                 ch_max: torch.Tensor, taps: int, space: SearchSpace, seed: int = 0,
-                 dynamic_ok: bool = True) -> LayerChoice:
+                 ch_max: torch.Tensor, taps: int, space: SearchSpace, seed: int = 0) -> LayerChoice:
     """Search one layer's formats, scales, smoothing and bit allocation.
 
     x: [n, K] captured input rows; w: [N, K] (Conv2d weights flattened, im2col
     order); ch_min / ch_max: [C] input channel ranges over all calibration
-    tokens (K = C * taps). ``dynamic_ok``: False for layers whose rows are
-    im2col patches (per-token dynamic quantization is searched on Linear only;
-    Conv2d layers fall back to static).
+    tokens (K = C * taps). Per-token dynamic activations need rows that are
+    tokens: layers with taps > 1 (k x k convolutions, whose rows are patches)
+    fall back to static.
     """
     x, w = x.float(), w.float()
     gen = torch.Generator().manual_seed(seed)
     p = _Problem(x, w, taps, ch_min, ch_max, space, gen)
     aal = is_aal(float(ch_min.min()), float(ch_max.max()))
-    mode = space.a_mode if (space.a_mode != "dynamic" or dynamic_ok) else "static"
+    mode = space.a_mode if (space.a_mode != "dynamic" or taps == 1) else "static"
     a_formats = tuple(space.a_signed) + (tuple(space.a_unsigned) if aal else ())
 
     options = [None]

@@ -50,6 +50,7 @@ class QuantizeConfig:
     resolution: int | None = None
     scheduler: str = "euler"
     calib_embeddings: str | None = None
+    calib_holdout: int | None = None  # held-out samples (default: a quarter)
     max_tokens: int | None = None
     finetune_steps: int | None = None
     lora_rank: int = 4
@@ -172,8 +173,7 @@ def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], sp
         layer = model.get_submodule(name)
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float().cpu()
         bias = None if layer.bias is None else layer.bias.detach().float().cpu()
-        choices[name] = search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space,
-                                     seed=seed + i, dynamic_ok=cap.kind == "linear")
+        choices[name] = search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space, seed=seed + i)
         if progress and ((i + 1) % max(1, len(names) // 20) == 0 or i + 1 == len(names)):
             progress(f"search: layer {i + 1}/{len(names)}")
         del cap
@@ -237,7 +237,7 @@ def calib_config(preset: Preset, cfg: QuantizeConfig, device: str) -> CalibConfi
     return CalibConfig(
         samples=cfg.calib_samples or d.samples, steps=cfg.calib_steps or d.steps,
         resolution=cfg.resolution or d.resolution, scheduler=cfg.scheduler, seed=cfg.seed,
-        embeddings=cfg.calib_embeddings, max_tokens=cfg.max_tokens or d.max_tokens)
+        embeddings=cfg.calib_embeddings, holdout=cfg.calib_holdout, max_tokens=cfg.max_tokens or d.max_tokens)
 
 
 def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *,

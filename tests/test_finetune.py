@@ -1,0 +1,67 @@
+"""TALoRA + DFA: adapters and router, the frozen timestep table, held-out DFA loss."""
+import pytest
+import torch
+
+from exporter.cli import UserError
+from exporter.finetune import adapter_for_timestep, add_talora, dfa_weights, freeze_router, init_router_intervals
+from exporter.layers import quant_layers
+from exporter.lora import TALoRA
+from exporter.models import get_preset
+from quant_helpers import tiny_quantized
+
+
+def test_finetuning_lowers_the_heldout_dfa_loss_and_freezes_a_table():
+    model, report = tiny_quantized(finetune_steps=12)
+    ft = report.finetune
+    assert ft["heldout_after"] < ft["heldout_before"]
+    assert report.metrics["finetuned_dfa_loss"] < report.metrics["ptq_dfa_loss"]
+    ctrl = model.talora
+    assert ctrl.frozen and ctrl.table.shape == (1000,) and ctrl.table.dtype == torch.int64
+    assert len(set(ctrl.table.tolist())) > 1  # the schedule is split between adapters
+    layers = [layer for _, layer in quant_layers(model)]
+    assert all(isinstance(layer.lora, TALoRA) and layer.lora.selection is ctrl.selection for layer in layers)
+    assert any(float(layer.lora.B.abs().max()) > 0 for layer in layers)
+
+
+def test_the_quantized_unet_selects_the_adapter_of_its_timestep():
+    model, _ = tiny_quantized(finetune_steps=12)
+    tiny = get_preset("sdxl-tiny")
+    table = model.talora.table
+    for t in (999.0, 512.4, 3.0):
+        expect = int(table[int(round(t))])
+        assert adapter_for_timestep(model, t) == expect
+        with torch.no_grad():
+            model(**_kwargs(tiny.example_inputs(batch=2, timestep=t)))
+        assert model.talora.selection.index == expect
+    inputs = tiny.example_inputs(batch=2)
+    inputs["timestep"] = torch.tensor([999.0, 10.0])
+    with pytest.raises(ValueError, match="share one timestep"):
+        model(**_kwargs(inputs))
+
+
+def _kwargs(inputs):
+    from exporter.models import unet_kwargs
+
+    return unet_kwargs(inputs)
+
+
+def test_router_warm_start_splits_the_schedule_into_k_intervals():
+    model, _ = tiny_quantized()
+    ctrl = add_talora(model, rank=2, num_adapters=4)
+    init_router_intervals(model, ctrl, steps=300)
+    table = freeze_router(model)
+    expect = torch.arange(1000) * 4 // 1000
+    assert float((table == expect).float().mean()) > 0.9
+
+
+def test_rank_or_adapter_count_of_zero_is_a_user_error():
+    model, _ = tiny_quantized()
+    with pytest.raises(UserError, match="rank"):
+        add_talora(model, rank=0)
+    with pytest.raises(UserError, match="adapter count K"):
+        add_talora(model, num_adapters=0)
+
+
+def test_dfa_weights_follow_the_squared_denoising_factor():
+    w = dfa_weights([-2.0, -1.0, -0.5])
+    assert w[0] / w[1] == pytest.approx(4.0) and sum(w) / 3 == pytest.approx(1.0)

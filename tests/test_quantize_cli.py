@@ -1,0 +1,67 @@
+"""`export-engine quantize`: a run end to end, the schemes, and one-line errors for bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from exporter.cli import EXIT_INPUT, main
+
+SMALL = ["--calib-samples", "2", "--calib-steps", "2", "--calib-resolution", "128"]
+
+
+def _run(args, tmp_path):
+    return subprocess.run([sys.executable, "-m", "exporter.cli", *args], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_quantize_writes_a_checkpoint_and_report(tmp_path):
+    r = _run(["quantize", "sdxl-tiny", "--w4a4", *SMALL, "--finetune-steps", "2", "--out", "q"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "seeded random weights" in r.stderr and "Traceback" not in r.stderr
+    assert "layers quantized" in r.stdout and "fine-tune step 2/2" in r.stdout
+    out = tmp_path / "q"
+    cfg = json.loads((out / "quantized.json").read_text())
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert cfg["scheme"] == "w4a4" and cfg["talora"]["adapters"] == 4
+    assert len(report["layers"]) == len(cfg["layers"]) == 257
+    assert {"conv_in", "conv_out", "time_embedding.linear_1", "add_embedding.linear_2"} <= set(report["kept_fp"])
+
+
+@pytest.mark.parametrize("scheme,a_format", [("w4a8", ("e4m3", "e3m4", "ue4m4", "ue3m5")), ("w4a16", (None,))])
+def test_w4a8_and_w4a16(tmp_path, scheme, a_format):
+    r = _run(["quantize", "sdxl-tiny", f"--{scheme}", *SMALL, "--finetune-steps", "0", "--quiet",
+              "--include", r"^mid_block\.", "--out", "q"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().endswith("quantized.json")
+    cfg = json.loads((tmp_path / "q" / "quantized.json").read_text())
+    assert all(n.startswith("mid_block.") for n in cfg["layers"])
+    assert {e["activation"]["format"] for e in cfg["layers"].values()} <= set(a_format)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "sdxl-huge", "--w4a4"], "unknown model 'sdxl-huge'"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--model-path", "nowhere"], "no such file or directory"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--adapters", "0"], "--adapters must be a positive integer"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--include", "("], "not a valid regular expression"),
+])
+def test_bad_input_is_one_line_with_an_exit_code(capsys, args, message):
+    assert main(args) == EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and err[0].startswith("export-engine: error:")
+
+
+def test_a_model_path_without_a_unet(capsys, tmp_path):
+    (tmp_path / "vae").mkdir()
+    assert main(["quantize", "sdxl-tiny", "--w4a4", "--model-path", str(tmp_path), "--out", str(tmp_path / "q")]) \
+        == EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no UNet found" in err[0]
+
+
+def test_list_shows_the_presets(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "sdxl-tiny" in out and "Stable Diffusion XL base 1.0" in out
