@@ -593,3 +593,36 @@ def test_kernels_can_be_captured_in_a_cuda_graph(gpu_lib):
     graph.replay()
     torch.cuda.synchronize()
     np.testing.assert_array_equal(y.float().cpu().numpy(), ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# The benchmark script (benchmarks/bench_gemm.py)
+# ---------------------------------------------------------------------------------------------
+def _bench_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gemm.py"
+    spec = importlib.util.spec_from_file_location("bench_gemm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(HAS_GPU, reason="checks the message given on a machine without a GPU")
+def test_benchmark_exits_with_a_clear_message_without_a_gpu(capsys):
+    assert _bench_module().main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_benchmark_checks_the_issue_targets():
+    bench = _bench_module()
+    assert {(n, k) for n, k in bench.NK_SHAPES} >= {(640, 640), (1280, 1280), (640, 2560), (5120, 640),
+                                                    (1280, 5120), (10240, 1280), (1280, 2048), (640, 2048)}
+    assert bench.M_VALUES == (1, 16, 64, 2048, 8192, 16384)
+    rows = [dict(M=8192, N=1280, K=1280, speedup_w4a4=1.7, speedup_w4a16=0.95),
+            dict(M=16, N=1280, K=5120, speedup_w4a4=1.1, speedup_w4a16=3.2),
+            dict(M=8192, N=640, K=640, speedup_w4a4=0.8, speedup_w4a16=1.0)]  # below the floor
+    lines = bench.targets(rows)
+    assert lines[0].endswith("PASS") and lines[1].endswith("PASS") and lines[2].endswith("FAIL")
+    assert bench.gpu_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3"

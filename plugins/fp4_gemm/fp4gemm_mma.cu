@@ -8,6 +8,10 @@
 // The operand kinds share one byte layout (a 32-byte K step is k16 for fp16/bf16 and k32 for
 // E4M3), so ldmatrix serves all three; only the mma instruction differs.
 //
+// FP8: the E4M3 tensor cores add into fp32 with a reduced internal precision (measured on Hopper;
+// assumed on Ada), so each 128-byte K block accumulates into fresh registers that are then added
+// into the fp32 accumulators with FADDs, as in the wgmma kernel.
+//
 // Epilogue: lane q of a warp holds output columns [8 q, 8 q + 8) of the warp's 32 (the decode pass
 // stored the weight rows in that order, fp4gemm_numerics.cuh epilogue_col_to_output), so every
 // row of 8 outputs is one 16-byte store:
@@ -57,13 +61,15 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_mma_kernel(GemmArgs g) {
         }
     };
 
+    constexpr bool kPromote = Kind == kElemE4M3;
     float acc[4][4][4];
+    float part[4][4][4];  // FP8: this K block's sums
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = part[i][j][e] = 0.0f;
 
 #pragma unroll
     for (int s = 0; s < kStages - 1; ++s) {
@@ -102,7 +108,18 @@ __global__ void __launch_bounds__(kThreads, 1) gemm_mma_kernel(GemmArgs g) {
 #pragma unroll
             for (int i = 0; i < 4; ++i)
 #pragma unroll
-                for (int j = 0; j < 4; ++j) mma_16x8<Kind>(acc[i][j], af[i], bf[j]);
+                for (int j = 0; j < 4; ++j) mma_16x8<Kind>(kPromote ? part[i][j] : acc[i][j], af[i], bf[j]);
+        }
+        if constexpr (kPromote) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        acc[i][j][e] += part[i][j][e];
+                        part[i][j][e] = 0.0f;
+                    }
         }
     }
     cp_async_wait<0>();

@@ -141,10 +141,12 @@ decode_weights_kernel(LayerDesc L, Operands op, Workspace ws, int kind16, int co
                 } else {
                     word = load_code_group(src + c8 * bits, bits, rb - c8 * bits);
                 }
+#pragma unroll
                 for (int i = 0; i < 8; ++i) codes[i] = code_at(word, bits, i);
             }
             if (fp8) {
                 uint32_t lo = 0, hi = 0;
+#pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     if (k0 + i < L.K) {
                         const uint32_t b = sh.lut8[g][codes[i]];
@@ -155,6 +157,7 @@ decode_weights_kernel(LayerDesc L, Operands op, Workspace ws, int kind16, int co
                 *reinterpret_cast<uint2*>(dst + k0) = make_uint2(lo, hi);
             } else {
                 uint32_t w4[4] = {0, 0, 0, 0};
+#pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     if (k0 + i < L.K) {
                         w4[i >> 1] |= static_cast<uint32_t>(sh.lut16[g][codes[i]]) << (16 * (i & 1));

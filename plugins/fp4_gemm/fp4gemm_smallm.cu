@@ -115,6 +115,19 @@ smallm_kernel(LayerDesc L, Operands op, SmallMArgs sa, Workspace ws, int split_k
 
     for (int kb = kb_begin + warp; kb < kb_end; kb += kWarps) {
         const int kbase = kb * 128 + 32 * q;
+        const bool full = w_vec && kbase + 32 <= L.K;
+        // issue every weight load of this K block first: the path is bound by DRAM latency
+        // (a GEMV needs about the whole weight matrix in flight), so loads must not wait on decode
+        uint4 raw[4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {
+            const int j = r0 + t * 8 + gq;
+            raw[t] = make_uint4(0, 0, 0, 0);
+            if (full && j < r1) {
+                raw[t] = __ldg(reinterpret_cast<const uint4*>(wbase + static_cast<int64_t>(j - L.row0[g]) * rb +
+                                                               (kbase / 8) * bits));
+            }
+        }
         uint32_t af[8][4];
         {
             float lo[32], hi[32];
@@ -133,21 +146,18 @@ smallm_kernel(LayerDesc L, Operands op, SmallMArgs sa, Workspace ws, int split_k
             const int j = r0 + t * 8 + gq;  // weight row of this lane in n8 tile t
             const bool row_ok = j < r1;
             uint32_t codes[32];
-            if (row_ok && kbase < L.K) {
+            if (full) {
+                const uint32_t w4[4] = {raw[t].x, raw[t].y, raw[t].z, raw[t].w};
+#pragma unroll
+                for (int i = 0; i < 32; ++i) codes[i] = (w4[i >> 3] >> (4 * (i & 7))) & 15u;
+            } else if (row_ok && kbase < L.K) {  // other widths, unaligned rows, the K tail
                 const uint8_t* src = wbase + static_cast<int64_t>(j - L.row0[g]) * rb + (kbase / 8) * bits;
-                if (w_vec && kbase + 32 <= L.K) {
-                    const uint4 raw = *reinterpret_cast<const uint4*>(src);
-                    const uint32_t w4[4] = {raw.x, raw.y, raw.z, raw.w};
+                const int avail = rb - (kbase / 8) * bits;
 #pragma unroll
-                    for (int i = 0; i < 32; ++i) codes[i] = (w4[i >> 3] >> (4 * (i & 7))) & 15u;
-                } else {
-                    const int avail = rb - (kbase / 8) * bits;
+                for (int c = 0; c < 4; ++c) {
+                    const uint64_t word = load_code_group(src + c * bits, bits, avail - c * bits);
 #pragma unroll
-                    for (int c = 0; c < 4; ++c) {
-                        const uint64_t word = load_code_group(src + c * bits, bits, avail - c * bits);
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) codes[8 * c + i] = code_at(word, bits, i);
-                    }
+                    for (int i = 0; i < 8; ++i) codes[8 * c + i] = code_at(word, bits, i);
                 }
             } else {
 #pragma unroll
