@@ -1,0 +1,270 @@
+"""ONNX export of quantized models: structure, exactness vs PyTorch, determinism, bad input."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from exporter import onnx_ops
+from exporter.export import (ExportError, export_layer, export_onnx, export_unet, to_fp16,
+                             unet_call, unet_example_inputs)
+from exporter.layers import QuantLinear, _QuantLayer, quant_layers
+from exporter.parity import layer_onnx_vs_reference_evaluator, parity, run_onnx
+
+from export_fixtures import ConvLinearStack, quantize_by_hand
+
+torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# sdxl-tiny W4A4 with TALoRA, through its checkpoint (the must-show model)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_ckpt_model(tmp_path_factory):
+    """sdxl-tiny W4A4 + TALoRA (short fine-tune), saved as a checkpoint and loaded back."""
+    from exporter.checkpoint import load_checkpoint, save_checkpoint
+    from quant_helpers import tiny_quantized
+
+    model, report = tiny_quantized(finetune_steps=2)
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "sdxl-tiny-w4a4", report)
+    loaded = load_checkpoint(ckpt)
+    return loaded, ckpt
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_ckpt_model, tmp_path_factory):
+    model, _ = tiny_ckpt_model
+    path = tmp_path_factory.mktemp("export") / "unet.onnx"
+    export_unet(model, path, batch=2, height=64, width=64, text_len=16, debug_outputs=True)
+    return model, path
+
+
+def _timesteps_of_distinct_adapters(model, limit=3):
+    table = model.talora.table
+    picked, seen = [], set()
+    for t in range(0, table.numel(), 37):
+        k = int(table[t])
+        if k not in seen:
+            seen.add(k)
+            picked.append(float(t))
+    return picked[:limit]
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_export_passes_the_full_onnx_checker(tiny_export):
+    _, path = tiny_export
+    onnx.checker.check_model(str(path), full_check=True)
+    model = onnx.load(str(path))
+    versions = {o.domain: o.version for o in model.opset_import}
+    assert versions[""] >= 21 and versions[onnx_ops.DOMAIN] == 1
+    assert {f.name for f in model.functions} == {"QuantizeFP", "DequantizeFP"}
+
+
+@pytest.mark.slow
+def test_sdxl_tiny_matches_pytorch_at_timesteps_routed_to_different_adapters(tiny_export):
+    model, path = tiny_export
+    timesteps = _timesteps_of_distinct_adapters(model)
+    assert len({model.talora.adapter_for_timestep(t) for t in timesteps}) >= 2
+    for t in timesteps:
+        inputs = unet_example_inputs(model, batch=1, height=64, width=64, text_len=16, seed=7)
+        inputs["timestep"] = torch.tensor(t)
+        report = parity(model, path, inputs, call=unet_call)
+        assert report.whole.rel_l2 <= 1e-3, (t, report.summary())
+        assert len(report.layers) == len(list(quant_layers(model)))
+        for layer in report.layers:  # same input: codes identical for >= 99.99 % of values
+            assert layer.codes_differ_fraction <= 1e-4, (t, layer)
+            assert layer.out.rel_l2 <= 1e-4, (t, layer)
+
+
+@pytest.mark.slow
+def test_dynamic_batch_size_and_text_length(tiny_export):
+    model, path = tiny_export
+    for batch, hw, text in [(1, 32, 5), (3, 48, 20)]:
+        inputs = unet_example_inputs(model, batch=batch, height=hw, width=hw, text_len=text, seed=1)
+        report = parity(model, path, inputs, call=unet_call, layers=False)
+        assert report.whole.rel_l2 <= 1e-3, (batch, hw, text, report.summary())
+
+
+@pytest.mark.slow
+def test_graph_structure_is_what_the_graph_passes_expect(tiny_export):
+    model, path = tiny_export
+    graph = onnx.load(str(path), load_external_data=False).graph
+    by_name = {n.name: n for n in graph.node}
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name for i in graph.initializer}
+    assert [i.name for i in graph.input] == ["sample", "timestep", "encoder_hidden_states",
+                                             "text_embeds", "time_ids"]
+    dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 4, "height", "width"]
+    for name, layer in quant_layers(model):
+        wq = by_name[f"{name}.w_quant/QuantizeFP"]
+        wdq = by_name[f"{name}.w_quant/DequantizeFP"]
+        assert wdq.input[0] == wq.output[0]
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in wq.attribute}
+        assert attrs["channel_bits"] == ([int(b) for b in layer.w_quant.bits]
+                                         if layer.w_quant.mixed else [layer.w_quant.fmt.bits])
+        if layer.a_quant.enabled:
+            aq = by_name[f"{name}.a_quant/QuantizeFP"]
+            assert by_name[f"{name}.a_quant/DequantizeFP"].input[0] == aq.output[0]
+        src = producer.get(wq.input[0])
+        if layer.lora is None and layer.smooth is None:
+            assert wq.input[0] == f"{name}.weight"  # the float weight itself
+        if layer.lora is not None:
+            assert f"{name}.lora.A" in inits and f"{name}.lora.B" in inits
+            assert src is not None  # W + s * B A is computed in the graph
+    gathers = [n for n in graph.node if n.op_type == "Gather" and "talora.table" in n.input]
+    assert gathers, "TALoRA adapters must be selected by Gather(talora.table, timestep)"
+
+
+@pytest.mark.slow
+def test_export_is_deterministic_byte_for_byte(tiny_ckpt_model, tmp_path):
+    model, _ = tiny_ckpt_model
+    a, b = tmp_path / "a" / "unet.onnx", tmp_path / "b" / "unet.onnx"
+    export_unet(model, a, text_len=16, height=32)
+    export_unet(model, b, text_len=16, height=32)
+    assert a.read_bytes() == b.read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# hand-made models: every quantizer option set by hand
+# ---------------------------------------------------------------------------------------------
+def _stack(seed=0, talora=True):
+    torch.manual_seed(seed)
+    m = ConvLinearStack()
+    x = torch.randn(2, 3, 8, 8)
+    quantize_by_hand(m, (x,), talora=False, exclude=None, seed=seed)
+    return m, x
+
+
+def test_hand_made_stack_matches_pytorch_layer_by_layer(tmp_path):
+    m, x = _stack()
+    layers = dict(quant_layers(m))
+    assert layers["fc1"].w_quant.mixed and layers["fc2"].a_quant.mode == "dynamic"
+    assert not layers["conv2"].a_quant.fmt.signed  # unsigned with a zero point, and a LoRA
+    assert layers["conv2"].lora is not None
+    path = tmp_path / "stack.onnx"
+    export_onnx(m, {"x": x}, path, timestep_input=None, debug_outputs=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    report = parity(m, path, {"x": x})
+    assert report.whole.rel_l2 <= 1e-6, report.summary()
+    assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
+
+
+def test_external_data_goes_to_one_file_and_is_deterministic(tmp_path):
+    m, x = _stack()
+    paths = [tmp_path / d / "stack.onnx" for d in ("a", "b")]
+    for p in paths:
+        res = export_onnx(m, {"x": x}, p, timestep_input=None, external_data=True)
+        assert res.data_path == p.with_name("stack.onnx.data")
+        assert sorted(os.listdir(p.parent)) == ["stack.onnx", "stack.onnx.data"]
+    for name in ("stack.onnx", "stack.onnx.data"):
+        assert (paths[0].parent / name).read_bytes() == (paths[1].parent / name).read_bytes()
+    out = run_onnx(paths[0], {"x": x})["out_sample"]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, m(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_fp16_export_runs_in_onnx_runtime_close_to_pytorch_fp16(tmp_path):
+    m, x = _stack()
+    m16 = to_fp16(copy.deepcopy(m))
+    assert m16.fc1.weight.dtype == torch.float16 and m16.fc1.a_quant.scale.dtype == torch.float32
+    x16 = x.half()
+    path = tmp_path / "stack16.onnx"
+    export_onnx(m16, {"x": x16}, path, timestep_input=None)
+    model = onnx.load(str(path))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    out = run_onnx(path, {"x": x16})["out_sample"]
+    with torch.no_grad():
+        ref = m16(x16).float().numpy()
+    assert np.linalg.norm(out.astype(np.float32) - ref) / np.linalg.norm(ref) <= 1e-2
+
+
+def test_single_quantized_layer_same_in_onnx_runtime_and_reference_evaluator(tmp_path):
+    from exporter.lora import AdapterSelection, TALoRA
+
+    torch.manual_seed(3)
+    layer = QuantLinear(torch.nn.Linear(24, 16), w_fmt="e2m1", a_fmt="ue3m1")
+    sel = AdapterSelection(3)
+    lora = TALoRA(24, 16, 2, sel, scale=0.5)
+    with torch.no_grad():
+        lora.B.normal_(0, 0.05)
+        layer.w_quant.scale.fill_(0.05)
+        layer.w_quant.bits.copy_(torch.tensor([3, 4, 4, 5] * 4, dtype=torch.int8))
+        layer.a_quant.scale.fill_(0.3)
+        layer.a_quant.zero_point.fill_(-0.4)
+    layer.add_lora(lora)
+    x = torch.randn(2, 5, 24)
+    path = tmp_path / "layer.onnx"
+    export_layer(layer, x, path, adapter=2)
+    feeds = {"x": x.numpy(), "timestep": np.zeros((), np.float32)}
+    diffs = layer_onnx_vs_reference_evaluator(path, feeds)
+    assert diffs["y"].max_abs == 0.0
+    sel.select(2)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_onnx(path, feeds)["y"], layer(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+class QuantConv1d(_QuantLayer):
+    def forward(self, x):
+        return torch.nn.functional.conv1d(self.a_quant(x), self.quantized_weight(), self.bias)
+
+
+def test_unsupported_layer_type_is_a_clear_error(tmp_path):
+    m = torch.nn.Sequential(QuantConv1d(torch.nn.Conv1d(3, 4, 3), "e2m1", "e2m1", "static"))
+    with pytest.raises(ExportError, match="QuantConv1d.*supports QuantLinear, QuantConv2d"):
+        export_onnx(m, {"x": torch.randn(1, 3, 8)}, tmp_path / "m.onnx", timestep_input=None)
+    assert not list(tmp_path.iterdir())
+
+
+def test_integer_format_and_unquantized_model_are_clear_errors(tmp_path):
+    m = torch.nn.Sequential(QuantLinear(torch.nn.Linear(4, 4), "int4", "e2m1"))
+    with pytest.raises(ExportError, match="integer format 'int4'"):
+        export_onnx(m, {"x": torch.randn(2, 4)}, tmp_path / "m.onnx", timestep_input=None)
+    with pytest.raises(ExportError, match="no quantized layers"):
+        export_onnx(torch.nn.Linear(4, 4), {"x": torch.randn(2, 4)}, tmp_path / "m.onnx")
+
+
+def test_unwritable_output_path_is_a_clear_error(tmp_path):
+    m, x = _stack()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ExportError, match="cannot write"):
+        export_onnx(m, {"x": x}, blocker / "m.onnx", timestep_input=None)
+    with pytest.raises(ExportError, match="must end in .onnx"):
+        export_onnx(m, {"x": x}, tmp_path / "m.txt", timestep_input=None)
+
+
+def test_failure_while_writing_leaves_no_half_written_onnx(tmp_path, monkeypatch):
+    import onnx_ir as ir
+
+    m, x = _stack()
+    real_save = ir.save
+
+    def broken_save(model, path, **kwargs):
+        real_save(model, path, **kwargs)
+        Path(path).write_bytes(Path(path).read_bytes()[:100])  # half written ...
+        raise OSError(28, "No space left on device")  # ... then the disk fills up
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    dest = tmp_path / "out" / "m.onnx"
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(m, {"x": x}, dest, timestep_input=None, external_data=True)
+    assert not dest.exists() and not list(dest.parent.iterdir())
+
+
+def test_talora_without_a_table_is_a_clear_error(tmp_path):
+    from exporter.lora import AdapterSelection, TALoRA
+
+    layer = QuantLinear(torch.nn.Linear(8, 8))
+    layer.add_lora(TALoRA(8, 8, 2, AdapterSelection(2)))
+    with pytest.raises(ExportError, match="timestep -> adapter table"):
+        export_onnx(torch.nn.Sequential(layer), {"x": torch.randn(2, 8), "timestep": torch.zeros(())},
+                    tmp_path / "m.onnx", call=lambda m, x, t: m(x))
