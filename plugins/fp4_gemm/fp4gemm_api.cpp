@@ -242,17 +242,12 @@ int cuda_fail(cudaError_t e, const char* what) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-int run_gemm_path(const LayerDesc& L, const Operands& op,
-                  const Workspace& ws, const Layout& o, const fp4gemm_plan_t& p, int path,
-                  cudaStream_t stream) {
+int run_gemm_path(const LayerDesc& L, const Operands& op, const Workspace& ws, const Layout& o,
+                  const fp4gemm_plan_t& p, int path, cudaStream_t stream) {
     const bool w4a16 = !L.act_quant;
     const int64_t K_pad = round_up(L.K, kKPad);
     const int N_pad = static_cast<int>(round_up(L.N, kTileN));
-    const int col_block = path == FP4GEMM_PATH_WGMMA ? kWgmmaColBlock : kMmaColBlock;
-    const int kind16 = (w4a16 && op.dtype == FP4GEMM_BF16) ? kElemBF16 : kElemF16;
     const bool fp8 = !w4a16 && p.fp8;
-    cudaError_t e = launch_decode_weights(L, op, ws, kind16, col_block, fp8 ? 1 : 0, stream);
-    if (e != cudaSuccess) return cuda_fail(e, "decode_weights launch");
 
     GemmArgs g{};
     g.M = op.M;
@@ -265,30 +260,37 @@ int run_gemm_path(const LayerDesc& L, const Operands& op,
     g.epi.y = op.y;
     g.epi.dtype = op.dtype;
     g.epi.vec_ok = (static_cast<int64_t>(L.N) * dtype_bytes(op.dtype)) % 16 == 0 && aligned16(op.y);
+
+    // one launch decodes the weights and quantizes (or copies) the activations
+    PrepArgs prep{};
+    prep.decode = 1;
+    prep.col_block = path == FP4GEMM_PATH_WGMMA ? kWgmmaColBlock : kMmaColBlock;
+    prep.kind16 = (w4a16 && op.dtype == FP4GEMM_BF16) ? kElemBF16 : kElemF16;
+    prep.allow_fp8 = fp8 ? 1 : 0;
+    prep.lda = K_pad;
+    bool direct = false;
     if (w4a16) {
-        const bool direct = (static_cast<int64_t>(L.K) * 2) % 16 == 0 && aligned16(op.x);
-        if (direct) {
-            g.a = static_cast<const uint8_t*>(op.x);
-            g.lda_bytes = static_cast<int64_t>(L.K) * 2;
-            g.a_valid_bytes = static_cast<int64_t>(L.K) * 2;
-        } else {
-            if (o.b - o.a < op.M * K_pad * 2) return fail(FP4GEMM_ERR_WORKSPACE, "no room to copy X");
-            e = launch_quantize_rows(L, op, ws, kQuantCopy, K_pad, stream);
-            if (e != cudaSuccess) return cuda_fail(e, "quantize_rows launch");
-            g.a = ws.a;
-            g.lda_bytes = K_pad * 2;
-            g.a_valid_bytes = K_pad * 2;
-        }
+        // X itself is the A operand when TMA / cp.async can address its rows
+        direct = (static_cast<int64_t>(L.K) * 2) % 16 == 0 && aligned16(op.x);
+        if (!direct && o.b - o.a < op.M * K_pad * 2) return fail(FP4GEMM_ERR_WORKSPACE, "no room to copy X");
+        prep.qmode = direct ? kQuantNone : kQuantCopy;
+    } else {
+        prep.qmode = fp8 ? kQuantAuto : kQuantF16;
+    }
+    cudaError_t e = launch_prep(L, op, ws, prep, stream);
+    if (e != cudaSuccess) return cuda_fail(e, "prep launch");
+
+    if (w4a16) {
+        g.a = direct ? static_cast<const uint8_t*>(op.x) : ws.a;
+        g.lda_bytes = direct ? static_cast<int64_t>(L.K) * 2 : K_pad * 2;
+        g.a_valid_bytes = direct ? static_cast<int64_t>(L.K) * 2 : K_pad * 2;
         g.k_bytes = static_cast<int32_t>(K_pad * 2);
         g.ldb_bytes = K_pad * 2;
-        g.kind = kind16;
+        g.kind = prep.kind16;
         g.flags = nullptr;
         e = path == FP4GEMM_PATH_WGMMA ? launch_gemm_wgmma(g, stream) : launch_gemm_mma(g, stream);
         return e == cudaSuccess ? FP4GEMM_OK : cuda_fail(e, "GEMM launch");
     }
-    // W4A4: quantize_rows follows the decode pass's verdict (E4M3 when the tables fit)
-    e = launch_quantize_rows(L, op, ws, fp8 ? kQuantAuto : kQuantF16, K_pad, stream);
-    if (e != cudaSuccess) return cuda_fail(e, "quantize_rows launch");
     g.a = ws.a;
     g.epi.row_scale = ws.row_scale;
     g.epi.row_zero = ws.row_zero;

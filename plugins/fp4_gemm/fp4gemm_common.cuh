@@ -231,8 +231,19 @@ struct GemmArgs {
     GemmEpilogue epi;
 };
 
-cudaError_t launch_decode_weights(const LayerDesc& L, const Operands& op, const Workspace& ws,
-                                  int kind16, int col_block, int allow_fp8, cudaStream_t stream);
+// The prep pass (fp4gemm_prep.cu): weight decode and/or activation quantization in one launch.
+struct PrepArgs {
+    int32_t decode;         // run the decode job (MMA/WGMMA paths)
+    int32_t kind16;         // 16-bit operand kind of the decoded weights when not FP8
+    int32_t col_block;      // epilogue column block of the GEMM that follows
+    int32_t allow_fp8;      // E4M3 operands if the tables fit (the plan's fp8)
+    int32_t qmode;          // QuantMode, or kQuantNone
+    int64_t lda;            // elements per row of the quantized activations
+    int32_t decode_blocks;  // set by launch_prep
+    int32_t vec;            // set by launch_prep
+};
+cudaError_t launch_prep(const LayerDesc& L, const Operands& op, const Workspace& ws, PrepArgs args,
+                        cudaStream_t stream);
 cudaError_t launch_quantize_rows(const LayerDesc& L, const Operands& op, const Workspace& ws,
                                  int mode, int64_t lda, cudaStream_t stream);
 cudaError_t launch_gemm_mma(const GemmArgs& g, cudaStream_t stream);
@@ -257,7 +268,8 @@ enum QuantMode : int {
     kQuantE4M3 = 1,       // grid values as E4M3 (times 2^act_shift), K padded
     kQuantF16 = 2,        // grid values as fp16, K padded
     kQuantCopy = 3,       // W4A16: X copied (fp16/bf16 kept), K padded with zeros
-    kQuantAuto = 4        // E4M3 if the decode pass set kFlagFp8 in the flags word, else fp16
+    kQuantAuto = 4,       // E4M3 if the decode tables fit E4M3 (the plan allowing it), else fp16
+    kQuantNone = -1       // no quantize job
 };
 
 }  // namespace fp4g

@@ -5,7 +5,7 @@
 
 namespace fp4g {
 
-cudaError_t launch_decode_weights(const LayerDesc&, const Operands&, const Workspace&, int, int, int, cudaStream_t) {
+cudaError_t launch_prep(const LayerDesc&, const Operands&, const Workspace&, PrepArgs, cudaStream_t) {
     return cudaErrorNotSupported;
 }
 cudaError_t launch_quantize_rows(const LayerDesc&, const Operands&, const Workspace&, int, int64_t, cudaStream_t) {

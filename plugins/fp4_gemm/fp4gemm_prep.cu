@@ -1,8 +1,11 @@
-// Passes that prepare the GEMM operands of the MMA/WGMMA paths:
-//   decode_weights: packed codes -> E4M3 (or fp16/bf16) rows in epilogue column order, plus the
-//                   per-column epilogue vectors and the flags word;
-//   quantize_rows:  activations -> per-row scale/zero point, and the grid values as E4M3/fp16
-//                   (or X copied into a K-padded buffer for W4A16).
+// The pass that prepares the GEMM operands of the MMA/WGMMA paths, one launch with two jobs:
+//   decode (the first decode_blocks CTAs): packed codes -> E4M3 (or fp16/bf16) rows in epilogue
+//          column order, the per-column epilogue vectors and the flags word;
+//   quantize (the other CTAs, one warp per row): activations -> per-row scale/zero point, and the
+//          grid values as E4M3/fp16 (or X copied into a K-padded buffer for W4A16).
+// Both jobs read the decode tables and decide FP8 vs fp16 from them (every CTA reaches the same
+// verdict), so they need no ordering between them and run side by side. SIMT and SMALLM launch
+// the quantize job alone (stats, fp16 grid values).
 #include "fp4gemm_common.cuh"
 
 namespace fp4g {
@@ -79,13 +82,10 @@ __device__ void build_tables(const LayerDesc& L, const float* w_lut, int kind16,
     __syncthreads();
 }
 
-// One warp per output column; grouped row j = blockIdx.x * 8 + warp (j >= N: a padding row).
-__global__ void __launch_bounds__(kDecodeWarps * 32)
-decode_weights_kernel(LayerDesc L, Operands op, Workspace ws, int kind16, int col_block,
-                      int allow_fp8) {
-    __shared__ DecodeShared sh;
-    build_tables(L, op.w_lut, kind16, allow_fp8, sh);
-
+// Decode job, CTA `block`: one warp per output column, grouped row j = block * 8 + warp
+// (j >= N: a padding row).
+__device__ void decode_part(const LayerDesc& L, const Operands& op, const Workspace& ws, int col_block,
+                            const DecodeShared& sh, int block) {
     int64_t adapter = read_adapter(op);
     const bool adapter_ok = adapter >= 0 && adapter < L.num_adapters;
     if (!adapter_ok) adapter = 0;
@@ -94,7 +94,7 @@ decode_weights_kernel(LayerDesc L, Operands op, Workspace ws, int kind16, int co
     const int K_pad = static_cast<int>(round_up(L.K, kKPad));
     const int N_pad = static_cast<int>(round_up(L.N, kTileN));
 
-    if (blockIdx.x == 0) {  // the flags word: a plain store of values every CTA agrees on
+    if (block == 0) {  // the flags word: a plain store of values every CTA agrees on
         __shared__ int bad_perm;
         if (threadIdx.x == 0) bad_perm = 0;
         __syncthreads();
@@ -110,7 +110,7 @@ decode_weights_kernel(LayerDesc L, Operands op, Workspace ws, int kind16, int co
     }
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int j = blockIdx.x * kDecodeWarps + warp;
+    const int j = block * kDecodeWarps + warp;
     if (j >= N_pad) return;
     int n;
     int g = 0;
@@ -202,6 +202,7 @@ __device__ void load8(const T* row, int k0, int K, bool vec, float (&v)[8]) {
         if constexpr (sizeof(T) == 2) {
             const uint4 raw = *reinterpret_cast<const uint4*>(row + k0);
             const T* h = reinterpret_cast<const T*>(&raw);
+#pragma unroll
             for (int i = 0; i < 8; ++i) v[i] = to_float<T>(h[i]);
         } else {
             const float4 a = *reinterpret_cast<const float4*>(row + k0);
@@ -210,19 +211,19 @@ __device__ void load8(const T* row, int k0, int K, bool vec, float (&v)[8]) {
             v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
         }
     } else {
+#pragma unroll
         for (int i = 0; i < 8; ++i) v[i] = k0 + i < K ? to_float<T>(row[k0 + i]) : 0.0f;
     }
 }
 
-// One warp per row. Dynamic mode reads the row twice (stats, then codes); the second read is
-// served by L1/L2.
+// Quantize job, CTA `block`: one warp per row. Dynamic mode reads the row twice (stats, then
+// codes); the second read is served by L1/L2.
 template <typename T>
-__global__ void __launch_bounds__(kQuantWarps * 32)
-quantize_rows_kernel(LayerDesc L, Operands op, Workspace ws, int mode, int64_t lda, int vec) {
+__device__ void quantize_part(const LayerDesc& L, const Operands& op, const Workspace& ws, int mode,
+                              int64_t lda, int vec, int64_t block) {
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int64_t m = static_cast<int64_t>(blockIdx.x) * kQuantWarps + warp;
+    const int64_t m = block * kQuantWarps + warp;
     if (m >= op.M) return;
-    if (mode == kQuantAuto) mode = (ws.flags[0] & kFlagFp8) ? kQuantE4M3 : kQuantF16;
     const T* row = static_cast<const T*>(op.x) + m * L.K;
     const int K = L.K;
 
@@ -237,10 +238,13 @@ quantize_rows_kernel(LayerDesc L, Operands op, Workspace ws, int mode, int64_t l
             for (int k0 = lane * 8; k0 < K; k0 += 256) {
                 float v[8];
                 load8(row, k0, K, vec, v);
-                for (int i = 0; i < 8 && k0 + i < K; ++i) {
-                    lo = fminf(lo, v[i]);
-                    hi = fmaxf(hi, v[i]);
-                    amax = fmaxf(amax, fabsf(v[i]));
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (k0 + i < K) {
+                        lo = fminf(lo, v[i]);
+                        hi = fmaxf(hi, v[i]);
+                        amax = fmaxf(amax, fabsf(v[i]));
+                    }
                 }
             }
             if (f.is_signed) {
@@ -297,37 +301,45 @@ quantize_rows_kernel(LayerDesc L, Operands op, Workspace ws, int mode, int64_t l
     }
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kDecodeWarps * 32) prep_kernel(LayerDesc L, Operands op, Workspace ws, PrepArgs a) {
+    __shared__ DecodeShared sh;
+    if (a.decode_blocks > 0 || a.qmode == kQuantAuto) build_tables(L, op.w_lut, a.kind16, a.allow_fp8, sh);
+    if (static_cast<int>(blockIdx.x) < a.decode_blocks) {
+        decode_part(L, op, ws, a.col_block, sh, blockIdx.x);
+        return;
+    }
+    const int mode = a.qmode == kQuantAuto ? (sh.fp8_ok ? kQuantE4M3 : kQuantF16) : a.qmode;
+    quantize_part<T>(L, op, ws, mode, a.lda, a.vec, static_cast<int64_t>(blockIdx.x) - a.decode_blocks);
+}
+
 }  // namespace
 
-cudaError_t launch_decode_weights(const LayerDesc& L, const Operands& op, const Workspace& ws,
-                                  int kind16, int col_block, int allow_fp8, cudaStream_t stream) {
+cudaError_t launch_prep(const LayerDesc& L, const Operands& op, const Workspace& ws, PrepArgs a,
+                        cudaStream_t stream) {
     const int N_pad = static_cast<int>(round_up(L.N, kTileN));
-    const int blocks = (N_pad + kDecodeWarps - 1) / kDecodeWarps;
-    decode_weights_kernel<<<blocks, kDecodeWarps * 32, 0, stream>>>(L, op, ws, kind16, col_block,
-                                                                     allow_fp8);
+    a.decode_blocks = a.decode ? (N_pad + kDecodeWarps - 1) / kDecodeWarps : 0;
+    const int64_t quant_blocks = a.qmode == kQuantNone ? 0 : (op.M + kQuantWarps - 1) / kQuantWarps;
+    const int64_t blocks = a.decode_blocks + quant_blocks;
+    if (blocks == 0) return cudaSuccess;
+    if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+    const int esize = dtype_bytes(op.dtype);
+    a.vec = (static_cast<int64_t>(L.K) * esize) % 16 == 0 && (reinterpret_cast<uintptr_t>(op.x) & 15) == 0;
+    const dim3 grid(static_cast<unsigned>(blocks));
+    switch (op.dtype) {
+        case FP4GEMM_F32: prep_kernel<float><<<grid, kDecodeWarps * 32, 0, stream>>>(L, op, ws, a); break;
+        case FP4GEMM_F16: prep_kernel<__half><<<grid, kDecodeWarps * 32, 0, stream>>>(L, op, ws, a); break;
+        default: prep_kernel<__nv_bfloat16><<<grid, kDecodeWarps * 32, 0, stream>>>(L, op, ws, a); break;
+    }
     return cudaGetLastError();
 }
 
 cudaError_t launch_quantize_rows(const LayerDesc& L, const Operands& op, const Workspace& ws,
                                  int mode, int64_t lda, cudaStream_t stream) {
-    if (op.M == 0) return cudaSuccess;
-    const int64_t blocks = (op.M + kQuantWarps - 1) / kQuantWarps;
-    if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-    const int esize = dtype_bytes(op.dtype);
-    const int vec = (L.K * esize) % 16 == 0 && (reinterpret_cast<uintptr_t>(op.x) & 15) == 0;
-    const dim3 grid(static_cast<unsigned>(blocks));
-    switch (op.dtype) {
-        case FP4GEMM_F32:
-            quantize_rows_kernel<float><<<grid, kQuantWarps * 32, 0, stream>>>(L, op, ws, mode, lda, vec);
-            break;
-        case FP4GEMM_F16:
-            quantize_rows_kernel<__half><<<grid, kQuantWarps * 32, 0, stream>>>(L, op, ws, mode, lda, vec);
-            break;
-        default:
-            quantize_rows_kernel<__nv_bfloat16><<<grid, kQuantWarps * 32, 0, stream>>>(L, op, ws, mode, lda, vec);
-            break;
-    }
-    return cudaGetLastError();
+    PrepArgs a{};
+    a.qmode = mode;
+    a.lda = lda;
+    return launch_prep(L, op, ws, a, stream);
 }
 
 }  // namespace fp4g
