@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import importlib
 import os
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Sequence
@@ -155,8 +156,17 @@ def load_plugin(trt: ModuleType | None = None, library: str | Path | None = None
     """Load libfp4gemm_plugin.so into this process and make sure TensorRT's registry holds the
     FP4Gemm creator under namespace "export_engine" (what the ONNX parser looks up for the
     nodes' plugin_namespace attribute). Returns the loaded library (it also exports the C API of
-    fp4gemm.h). Safe to call more than once."""
+    fp4gemm.h). Safe to call more than once.
+
+    With ``tensorrt_rtx`` the creator registers and creates plugins, but TensorRT-RTX networks
+    hold no plugin layers (1.7.1: its ONNX parser aborts the process on an FP4Gemm node once the
+    plugin is registered); leave the plugin unloaded there and the parser inlines the node's
+    function body instead."""
     trt = trt or tensorrt_module()
+    if trt.__name__.startswith("tensorrt_rtx"):
+        warnings.warn("FP4Gemm plugin registered with TensorRT-RTX, whose networks take no plugin layers: "
+                      "parsing FP4Gemm nodes now aborts; build without the plugin to use the function body",
+                      RuntimeWarning, stacklevel=2)
     path = Path(library) if library else plugin_library_path(build_if_missing)
     _make_runtime_global(trt)
     try:
