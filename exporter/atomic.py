@@ -77,3 +77,39 @@ def remove_stale_partials(folder: str | Path) -> int:
     for p in stale:
         p.unlink()
     return len(stale)
+
+
+#: a protobuf holds at most 2 GiB; above this a model's weights go to one external data file
+EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+
+
+def save_onnx_atomic(model, path: str | Path, external_data: bool | None = None) -> Path | None:
+    """Save an ``onnx.ModelProto`` (+ at most one ``<name>.data`` file) atomically.
+
+    Both files are written in a temporary folder beside ``path`` and moved into place, the
+    .onnx last, so a reader never sees a model whose data file is missing or stale. Returns the
+    data file's path when one was written. ``external_data=None``: only above 2 GB. With
+    external data, onnx moves the weights out of ``model`` (it is left without them).
+    """
+    import shutil
+
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbytes = sum(t.ByteSize() for t in model.graph.initializer)
+    use_external = nbytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_name = path.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_MARK}{path.name}."))
+    try:
+        onnx.save_model(model, tmp_dir / path.name, save_as_external_data=use_external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        data_dest = path.with_name(data_name)
+        if use_external:
+            os.replace(tmp_dir / data_name, data_dest)
+        elif data_dest.exists():
+            data_dest.unlink()
+        os.replace(tmp_dir / path.name, path)
+        return data_dest if use_external else None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)

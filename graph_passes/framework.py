@@ -76,13 +76,47 @@ def _itemsize(t: gs.Constant) -> int:
         return 1
 
 
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    """onnx -> gs graph. Constant nodes holding list attributes (``value_ints=[]`` from the dynamo
+    exporter) become tensor-valued first: onnx-graphsurgeon cannot write an empty list back."""
+    for node in model.graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        attr = node.attribute[0]
+        if attr.name in ("value_ints", "value_floats"):
+            values = onnx.helper.get_attribute_value(attr)
+            dtype = np.int64 if attr.name == "value_ints" else np.float32
+            tensor = onnx.numpy_helper.from_array(np.asarray(values, dtype))
+            node.ClearField("attribute")
+            node.attribute.append(onnx.helper.make_attribute("value", tensor))
+    return gs.import_onnx(model)
+
+
+def to_onnx(graph: gs.Graph) -> onnx.ModelProto:
+    """Export a gs graph with the function bodies of exactly the export_engine ops it uses."""
+    from exporter.onnx_ops import DOMAIN, DOMAIN_VERSION, functions_for
+
+    model = gs.export_onnx(graph, do_type_check=True)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    # keep the bodies the graph came with; add those of ops a pass introduced; drop unused ones
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    have = {f.name: f for f in model.functions if f.domain == DOMAIN and f.name in used}
+    missing = [f for f in functions_for(model.graph, opset) if f.name not in have]
+    del model.functions[:]
+    model.functions.extend(sorted(list(have.values()) + missing, key=lambda f: f.name))
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = 10
+    return model
+
+
 def check_graph(graph: gs.Graph, full: bool = False) -> onnx.ModelProto:
     """ONNX checker + strict shape inference on the graph, large weights left out (as inputs).
 
     Returns the checked (weightless) model. Raises onnx.checker.ValidationError /
     onnx.shape_inference.InferenceError naming the node.
     """
-    model = gs.export_onnx(graph, do_type_check=True)
+    model = to_onnx(graph)
     _strip_weights(model)
     onnx.checker.check_model(model, full_check=False)
     if full:

@@ -167,7 +167,7 @@ def check_against_layers(deltas: dict[str, LoraDelta], layer_shapes: dict[str, t
         if name not in layer_shapes:
             close = [n for n in layer_shapes if n.split(".")[-1] == name.split(".")[-1]][:2]
             hint = f" (layers with the same leaf name: {', '.join(close)})" if close else ""
-            raise LoraFileError(f"LoRA file {path}: key {d.key!r} matches no quantized layer "
+            raise LoraFileError(f"LoRA file {path}: key {d.key!r} matches no layer of the model "
                                 f"(looked for {name!r}){hint}")
         out_ch, fan_in = layer_shapes[name]
         if (d.B.shape[0], d.A.shape[1]) != (out_ch, fan_in):

@@ -145,11 +145,10 @@ def test_four_bit_formats_use_every_code():
         assert len(fmt.grid()) == (15 if fmt.signed else 16)
 
 
-def test_every_four_bit_value_is_exact_in_e4m3_after_a_power_of_two_scale():
+def test_every_four_bit_value_is_exact_in_e4m3():
     e4m3 = get_format("e4m3")
-    for name, shift in [("e1m2", 0), ("e2m1", 0), ("e3m0", 0), ("ue1m3", 0), ("ue2m2", 0),
-                        ("ue3m1", 0), ("ue4m0", -3)]:
-        g = np.ldexp(get_format(name).grid(), shift).astype(np.float32)
+    for name in ("e1m2", "e2m1", "e3m0", "ue1m3", "ue2m2", "ue3m1", "ue4m0"):
+        g = get_format(name).grid()
         assert (e4m3.quantize(g) == g).all(), name
 
 

@@ -1,0 +1,78 @@
+"""quantize_weights: fold each weight QuantizeFP into a code initializer; DequantizeFP stays.
+
+Codes are stored as the QuantizeFP output is typed: INT8 tensors holding each code's byte (view as
+uint8 for the code), because TensorRT takes no UINT8 tensors outside Q/DQ.
+
+Codes are computed with :mod:`exporter.formats` (the definition the QuantizeFP body reproduces):
+``u = (W - z) / s`` in float32 (z for unsigned formats only), each output channel encoded with
+its own width (``channel_bits``). TALoRA weight stacks ``[A, out, ...]`` are encoded per adapter
+and selected by the same ``Gather(stack, adapter_index)``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from exporter.formats import Format, with_bits
+
+from .framework import PassContext
+from .patterns import constant_value, find_quant_layers, node_attrs_format, producer
+
+
+def encode_weight(w: np.ndarray, fmt: Format, channel_bits: list[int], scale: np.ndarray,
+                  zero_point: np.ndarray) -> np.ndarray:
+    """uint8 codes of one weight [out, ...]; ``scale`` broadcasts against w (e.g. [out, 1, ...])."""
+    x = w.astype(np.float32)
+    if not fmt.signed:
+        x = x - zero_point.astype(np.float32)
+    u = (x / scale.astype(np.float32)).astype(np.float32)
+    rows = u.reshape(u.shape[0], -1)
+    bits = np.asarray(channel_bits if len(channel_bits) > 1 else channel_bits * rows.shape[0])
+    codes = np.empty(rows.shape, np.uint8)
+    for b in np.unique(bits):
+        sel = bits == b
+        codes[sel] = with_bits(fmt, int(b)).encode(rows[sel], nan="zero")
+    return codes.reshape(u.shape)
+
+
+def _weight_source(t: gs.Tensor):
+    """(values [A?, ...], gather node or None) of a folded weight."""
+    if isinstance(t, gs.Constant):
+        return np.asarray(t.values), None
+    node = producer(t)
+    if node is not None and node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
+        return np.asarray(node.inputs[0].values), node
+    return None, None
+
+
+def quantize_weights(graph: gs.Graph, ctx: PassContext) -> dict:
+    done, skipped = 0, []
+    for layer in find_quant_layers(graph):
+        if layer.w_q is None:
+            continue
+        values, gather = _weight_source(layer.weight_input)
+        scale = constant_value(graph, layer.w_q.inputs[1])
+        zero = constant_value(graph, layer.w_q.inputs[2])
+        if values is None or scale is None or zero is None or layer.w_q.attrs.get("dynamic", 0):
+            skipped.append(layer.name)  # fold_lora must run first
+            continue
+        fmt, bits = node_attrs_format(layer.w_q)
+        if gather is None:
+            codes = encode_weight(values, fmt, bits, scale, zero).view(np.int8)
+            layer.w_dq.inputs[0] = gs.Constant(f"{layer.name}.weight_codes", codes)
+        else:
+            codes = np.stack([encode_weight(v, fmt, bits, scale, zero) for v in values]).view(np.int8)
+            selected = gs.Variable(f"{layer.name}.weight_codes_selected", dtype=np.int8,
+                                   shape=codes.shape[1:])
+            graph.nodes.append(gs.Node("Gather", f"{layer.name}/select_adapter_codes", {"axis": 0},
+                                       [gs.Constant(f"{layer.name}.weight_codes_per_adapter", codes),
+                                        gather.inputs[1]], [selected]))
+            layer.w_dq.inputs[0] = selected
+        layer.w_dq.inputs[1] = gs.Constant(f"{layer.name}.weight_scale", scale.astype(np.float32))
+        layer.w_dq.inputs[2] = gs.Constant(f"{layer.name}.weight_zero_point", zero.astype(np.float32))
+        layer.w_q.outputs.clear()
+        done += 1
+    if skipped:
+        raise ValueError(f"quantize_weights: {len(skipped)} weight quantizers are not constant "
+                         f"(first: {skipped[0]}); run fold_lora first")
+    return {"quantized": done} if done else {}

@@ -1,0 +1,79 @@
+"""The three targets, from one pass pipeline over the export.
+
+- ``reference``: standard ONNX ops only (our function bodies inlined); weight codes + table
+  decode; runs in ONNX Runtime and any TensorRT; exactly the quantized model's numerics.
+- ``plugin``: one ``FP4Gemm`` node per quantized Linear (our TensorRT plugin), packed weights;
+  convolutions keep DequantizeFP on codes. No float copy of a quantized weight remains.
+- ``native``: Blackwell NVFP4 (FLOAT4E2M1 weights, FP8 E4M3 block scales of 16) where a layer's
+  quantization is expressible natively, reference ops elsewhere; a per-layer report says which
+  layer got what and the error it adds (:mod:`graph_passes.native_fp4`).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from exporter.atomic import save_onnx_atomic
+
+from .cleanup import cleanup
+from .fold_lora import fold_lora
+from .framework import PassContext, import_graph, run_passes, to_onnx
+from .fuse_fp4_gemm import fuse_fp4_gemm
+from .pack_mixed_precision import pack_mixed_precision
+from .quantize_weights import quantize_weights
+
+log = logging.getLogger("export_engine.passes")
+
+TARGETS = ("reference", "plugin", "native")
+
+
+def target_passes(target: str) -> list:
+    common = [fold_lora, quantize_weights]
+    if target == "reference":
+        return common + [cleanup]
+    if target == "plugin":
+        return common + [pack_mixed_precision, fuse_fp4_gemm, cleanup]
+    if target == "native":
+        from .native_fp4 import to_native_fp4
+
+        return common + [to_native_fp4, cleanup]
+    raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+
+
+def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Standard ops only: inline our function bodies and drop the domain."""
+    from onnx.inliner import inline_local_functions
+
+    from exporter.onnx_ops import DOMAIN
+
+    model = inline_local_functions(model)
+    del model.functions[:]
+    keep = [o for o in model.opset_import if o.domain != DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
+    return model
+
+
+def build_target(export_path: str | Path, target: str, out_path: str | Path, *,
+                 user_loras: list | None = None, check: bool = True, quiet: bool = False) -> dict:
+    """Run the target's passes on the export at ``export_path`` and save it atomically.
+
+    Returns ``{"target", "path", "data", "passes": [...], "layers": [...], "metadata": {...}}``.
+    """
+    model = onnx.load(str(export_path))
+    graph = import_graph(model)
+    del model
+    ctx = PassContext(options={"user_loras": user_loras or []})
+    records = run_passes(graph, target_passes(target), ctx, check=check, quiet=quiet)
+    result = to_onnx(graph)
+    del graph
+    if target != "plugin":
+        result = _inline(result)
+    result.producer_name = "export-engine"
+    data = save_onnx_atomic(result, out_path)
+    return {"target": target, "path": str(out_path), "data": str(data) if data else None,
+            "passes": [{**asdict(r), "changed": r.changed} for r in records],
+            "layers": ctx.layer_report, "metadata": ctx.metadata}
