@@ -36,10 +36,10 @@ def _same_dtype(have, to: int) -> bool:
 def cleanup(graph: gs.Graph, ctx: PassContext) -> dict:
     casts = identities = 0
     for node in list(graph.nodes):
-        if node.op == "Cast" and node.domain in ("", "ai.onnx"):
+        if node.op == "Cast" and node.domain in (None, "", "ai.onnx"):
             if _same_dtype(node.inputs[0].dtype, node.attrs["to"]):
                 casts += _bypass(graph, node)
-        elif node.op == "Identity" and node.domain in ("", "ai.onnx"):
+        elif node.op == "Identity" and node.domain in (None, "", "ai.onnx"):
             identities += _bypass(graph, node)
     before = len(graph.nodes)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()

@@ -73,7 +73,7 @@ def evaluate(graph: gs.Graph, targets: list[gs.Tensor], feeds: dict[str, np.ndar
     outs = [fresh(t) for t in targets]
     sub.outputs = outs
     sub.toposort()
-    model = gs.export_onnx(sub)
+    model = gs.export_onnx(sub, do_type_check=False)
     model.ir_version = min(model.ir_version, 10)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
