@@ -75,7 +75,8 @@ def _logger(trt: ModuleType, quiet: bool):
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, sm: int | str | None = None,
                  profiles: Sequence[Profile] | Profile | None = None, plugin_libs: Sequence[str] = (),
                  timing_cache: str | os.PathLike | None = None, quiet: bool = False,
-                 fp16: bool = False, trt_module: str | None = None) -> BuildResult:
+                 fp16: bool = False, optimization_level: int | None = None,
+                 trt_module: str | None = None) -> BuildResult:
     """Parse ``onnx_path`` and write a serialized engine to ``engine_path`` (atomically).
 
     ``sm``: compute capability to build for (tensorrt_rtx only; required there when no GPU
@@ -83,6 +84,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     (inputs left out must be static). ``plugin_libs``: shared libraries to load first (their
     plugins register themselves). ``timing_cache``: file read if present and written back.
     ``fp16``: allow fp16 kernels (full TensorRT; RTX decides precision from the graph's types).
+    ``optimization_level``: builder optimization level 0..5 (lower builds faster; None: default).
     """
     trt = load_tensorrt(trt_module)
     start = time.time()
@@ -110,6 +112,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         cc = compute_capability(trt, sm)
         config.set_compute_capability(cc, 0)
         sm_name = cc.name
+    if optimization_level is not None:
+        config.builder_optimization_level = int(optimization_level)
     if fp16 and not is_rtx(trt):
         config.set_flag(trt.BuilderFlag.FP16)
     for profile in _profiles(network, profiles):
