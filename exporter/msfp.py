@@ -97,11 +97,11 @@ class SearchSpace:
     mixed_precision: bool = True
     smoothing: bool = True
     exhaustive: bool = False
-    w_clips: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6)
+    w_clips: tuple[float, ...] = (1.0, 0.94, 0.88, 0.82, 0.75, 0.65)
     a_clips: tuple[float, ...] = (1.0, 0.85, 0.7, 0.6, 0.5, 0.42, 0.35, 0.28, 0.22, 0.16)
     refine_w: int = 2
     refine_a: int = 3
-    max_cols: int = 256  # weight columns for the per-channel clip proxy
+    max_cols: int = 128  # weight columns for the per-channel clip proxy
     max_rows: int = 256  # output channels for the refine steps
     proxy_elements: int = 1 << 15  # activation elements for the dynamic-mode proxy
     proxy_bins: int = 2048  # histogram bins for the static activation proxy
@@ -151,37 +151,59 @@ class _Problem:
     def pick_rows(self, t: torch.Tensor) -> torch.Tensor:
         return t if self.rows is None else t[self.rows]
 
+    def rows_view(self, rows: torch.Tensor) -> "_Problem":
+        """The same problem restricted to some output channels (for the exhaustive clip search)."""
+        view = object.__new__(_Problem)
+        view.__dict__.update(self.__dict__)
+        view.y = self.y[:, rows]
+        return view
 
-def _weight_scales(p: _Problem, xs: torch.Tensor, ws: torch.Tensor, fmt: Format):
+
+def _weight_scales(p: _Problem, xs: torch.Tensor, ws: torch.Tensor, fmt: Format, amax: torch.Tensor | None = None):
     """Per-channel scales for ``fmt`` and the per-channel score they reach.
 
     Pruned: clip per channel by its own weight MSE on sampled columns (all
-    clips in one batched call). Exhaustive: clip per channel by its output MSE
-    over all rows.
+    clips at once, in cache-sized row blocks). Exhaustive: clip per channel by
+    its output MSE over all rows.
     """
-    amax = ws.abs().amax(1)
+    amax = ws.abs().amax(1) if amax is None else amax
     clips = torch.tensor(p.space.w_clips)
     scales = torch.where(amax > 0, clips[:, None] * amax / fmt.max, torch.ones_like(amax))  # [C, N]
     if p.space.exhaustive:
-        err = torch.stack([(xs @ fake_quant(ws, fmt, s[:, None]).T - p.y).pow(2).sum(0) for s in scales])
+        err = torch.stack([channel_errors(xs, ws, fmt, s, p.y) for s in scales])
     else:
         sub = ws if p.cols is None else ws[:, p.cols]
-        err = torch.cat([(fake_quant(sub, fmt, s[:, :, None]) - sub).pow(2).sum(-1)
-                         for s in _chunks(scales, sub.numel())])
+        err = torch.empty_like(scales)
+        for r in _row_blocks(sub.shape[0], sub.shape[1] * len(clips)):
+            blk = sub[r]
+            err[:, r] = (fake_quant(blk, fmt, scales[:, r, None]) - blk).pow(2).sum(-1)
     best = err.argmin(0)
     return scales.gather(0, best[None])[0], err.gather(0, best[None])[0]
 
 
-def _chunks(scales: torch.Tensor, per_candidate: int, budget: int = 1 << 24):
-    """Split the candidate axis so one batched quantization stays under ``budget`` elements."""
-    step = max(1, budget // max(per_candidate, 1))
-    return [scales[i:i + step] for i in range(0, scales.shape[0], step)]
+#: elements per block of work: small enough to stay in cache (elementwise chains are memory-bound)
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(rows: int, per_row: int) -> list[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(per_row, 1))
+    return [slice(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def channel_errors(xq: torch.Tensor, ws: torch.Tensor, fmt: Format, scale: torch.Tensor,
+                   y: torch.Tensor) -> torch.Tensor:
+    """Squared output error of each output channel: ||xq Q(w_j)^T - y_j||^2 -> [N]."""
+    out = torch.empty(ws.shape[0])
+    for r in _row_blocks(ws.shape[0], ws.shape[1]):
+        out[r] = (xq @ fake_quant(ws[r], fmt, scale[r, None]).T - y[:, r]).pow(2).sum(0)
+    return out
 
 
 def _search_weights(p: _Problem, xs, ws) -> tuple[str, torch.Tensor, dict]:
     scored = []
+    amax = ws.abs().amax(1)
     for name in p.space.w_formats:
-        scale, err = _weight_scales(p, xs, ws, get_format(name))
+        scale, err = _weight_scales(p, xs, ws, get_format(name), amax)
         scored.append((float(err.sum()), name, scale))
     scored.sort(key=lambda s: s[0])
     keep = scored if p.space.exhaustive else scored[:max(1, p.space.refine_w)]
@@ -242,11 +264,11 @@ def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode) -> tuple[t
         ci = min(range(len(clips)), key=errs.__getitem__)
         best_clip[name] = (errs[ci], ci)
     ranked = sorted(formats, key=lambda n: best_clip[n][0])[:max(1, p.space.refine_a)]
-    cands = []
-    for name in ranked:
-        ci = best_clip[name][1]
-        for cj in {max(ci - 1, 0), ci, min(ci + 1, len(clips) - 1)}:
-            cands.append(out_err(name, cj))
+    # the best clip of each of the top formats, plus the neighbouring clips of the very best one
+    ci = best_clip[ranked[0]][1]
+    pairs = {(n, best_clip[n][1]) for n in ranked} | {(ranked[0], max(ci - 1, 0)),
+                                                      (ranked[0], min(ci + 1, len(clips) - 1))}
+    cands = [out_err(n, cj) for n, cj in sorted(pairs)]
     return min(cands, key=lambda c: c[0]), {"proxy": {n: best_clip[n][0] for n in formats},
                                             "candidates": len(cands)}
 
@@ -306,17 +328,24 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
     w_fmt = get_format(w_name)
 
     def channel_err(fmt, scale):
-        return (xq @ fake_quant(ws, fmt, scale[:, None]).T - p.y).pow(2).sum(0)
+        return channel_errors(xq, ws, fmt, scale, p.y)
 
     err_mid = channel_err(w_fmt, w_scale)
     bits = torch.full((w.shape[0],), w_fmt.bits, dtype=torch.int8)
     scale, k, total = w_scale, 0, float(err_mid.sum())
     if space.mixed_precision and w.shape[0] >= 2 * space.mp_step and w_fmt.bits >= 3:
         lo_fmt, hi_fmt = with_bits(w_fmt, w_fmt.bits - 1), with_bits(w_fmt, w_fmt.bits + 1)
-        lo_scale, _ = _weight_scales(p, xs, ws, lo_fmt)
-        hi_scale, _ = _weight_scales(p, xs, ws, hi_fmt)
-        err_lo, err_hi = channel_err(lo_fmt, lo_scale), channel_err(hi_fmt, hi_scale)
-        bits, k, total = allocate_bits(err_lo, err_mid, err_hi, kurtosis(ws), w_fmt.bits, space.mp_step)
+        kurt = kurtosis(ws)
+        # only the more kurtotic half can gain a bit and only the other half can lose one
+        order = torch.argsort(kurt, descending=True, stable=True)
+        top, bottom = order[:len(order) // 2], order[len(order) // 2:]
+        lo_scale, hi_scale = w_scale.clone(), w_scale.clone()
+        err_lo, err_hi = err_mid.clone(), err_mid.clone()
+        for rows, fmt, scale, err in ((bottom, lo_fmt, lo_scale, err_lo), (top, hi_fmt, hi_scale, err_hi)):
+            sub = p.rows_view(rows)
+            scale[rows] = _weight_scales(sub, xs, ws[rows], fmt)[0]
+            err[rows] = channel_errors(xq, ws[rows], fmt, scale[rows], p.y[:, rows])
+        bits, k, total = allocate_bits(err_lo, err_mid, err_hi, kurt, w_fmt.bits, space.mp_step)
         scale = torch.where(bits > w_fmt.bits, hi_scale, torch.where(bits < w_fmt.bits, lo_scale, w_scale))
         info["mp_errors"] = {"uniform": float(err_mid.sum()), "mixed": total}
     y_full = p.y if bias is None else p.y + bias.float()
