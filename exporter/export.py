@@ -234,8 +234,9 @@ def _weight_forward(self: WeightQuantizer, w: torch.Tensor, bits: list[int]) -> 
 
 
 def _talora_delta(self: TALoRA) -> torch.Tensor:
-    k = self.selection.export_index  # 0-d int64 tensor: Gather(adapter_table, timestep)
-    return self.scale * (self.B[k] @ self.A[k])
+    k = self.selection.export_index  # int64 [1]: Gather(adapter_table, timestep)
+    # index_select keeps the index a tensor: one Gather per stack, no data-dependent scalar
+    return self.scale * (self.B.index_select(0, k).squeeze(0) @ self.A.index_select(0, k).squeeze(0))
 
 
 def check_exportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -295,13 +296,14 @@ def talora_selections(model: nn.Module) -> list:
 
 
 def adapter_index(table: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Adapter of a timestep: ``table[clamp(round(t[0]), 0, len - 1)]`` (0-d int64).
+    """Adapter of a timestep: ``table[clamp(round(t[0]), 0, len - 1)]`` (int64 [1]).
 
     The batch shares one timestep (as the router assumes); fractional timesteps round half to
-    even. The same rule serves PyTorch (:func:`select_adapter`) and the exported graph.
+    even (``exporter.finetune.TALoRAController.adapter_for_timestep``, the PyTorch side, does the
+    same). In the graph: Gather(adapter_table, Clip(Cast(Round(timestep)))).
     """
-    t = timestep.reshape(-1)[0].float().round().long().clamp(0, table.numel() - 1)
-    return table[t]
+    t = timestep.reshape(-1)[:1].float().round().long().clamp(0, table.numel() - 1)
+    return table.index_select(0, t)
 
 
 def select_adapter(model: nn.Module, table: torch.Tensor, timestep) -> int:

@@ -117,8 +117,12 @@ def test_graph_structure_is_what_the_graph_passes_expect(tiny_export):
         if layer.lora is not None:
             assert f"{name}.lora.A" in inits and f"{name}.lora.B" in inits
             assert src is not None  # W + s * B A is computed in the graph
-    gathers = [n for n in graph.node if n.op_type == "Gather" and "talora.table" in n.input]
-    assert gathers, "TALoRA adapters must be selected by Gather(talora.table, timestep)"
+    table = [n for n in graph.node if n.op_type == "Gather" and n.input[0] == "adapter_table"]
+    assert len(table) == 1, "TALoRA adapters are selected by Gather(adapter_table, timestep)"
+    k = table[0].output[0]
+    talora = [n for n in graph.node if n.op_type == "Gather" and n.input[1] == k]
+    assert {n.input[0] for n in talora} == {f"{name}.lora.{ab}" for name, layer in quant_layers(model)
+                                            if layer.lora is not None for ab in "AB"}
 
 
 @pytest.mark.slow
