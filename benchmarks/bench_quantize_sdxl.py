@@ -8,6 +8,7 @@ real ones). Must fit 10 minutes and 16 GB peak RSS on a 2-core CPU (issue: MSFP 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import sys
@@ -33,6 +34,8 @@ def main() -> int:
     ap.add_argument("--model-path")
     ap.add_argument("--out", help="checkpoint folder (default: a temporary folder, deleted)")
     ap.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
+    ap.add_argument("--threads", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="CPU threads (default auto: the cores other processes leave free, as the CLI)")
     args = ap.parse_args()
 
     import torch
@@ -49,16 +52,15 @@ def main() -> int:
 
     threading.Thread(target=watch, daemon=True).start()
     start = time.perf_counter()
-    stage_peaks = []
 
     def progress(msg):
-        stage_peaks.append((msg, _rss_gb()))
-        print(f"[{time.perf_counter() - start:7.1f}s  rss {_rss_gb():5.1f} GB] {msg}", flush=True)
+        print(f"[{time.perf_counter() - start:7.1f}s  rss {_rss_gb():5.1f} GB  {torch.get_num_threads()} thr  "
+              f"load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, report = quantize_model("sdxl", model_path=args.model_path, progress=progress)
+        model, report = quantize_model("sdxl", model_path=args.model_path, progress=progress, threads=args.threads)
     t_quant = time.perf_counter() - start
     t_save = 0.0
     if not args.no_save:

@@ -218,35 +218,41 @@ class FinetuneResult:
     seconds: float
     loss_first: float
     loss_last: float
-    heldout_before: float
+    heldout_before: float  # DFA loss on the held-out samples (training samples when none)
     heldout_after: float
     table_runs: list
 
 
-def dfa_loss(unet: nn.Module, calib, samples: list[int], records=None) -> float:
-    """Mean DFA-weighted noise-prediction error of ``unet`` on ``samples`` over the records."""
+def eval_metrics(unet: nn.Module, calib) -> dict:
+    """Noise-prediction SQNR (dB) and mean DFA loss of ``unet`` vs the FP predictions, over every
+    calibration record, on the held-out samples (the training ones when none were held out)."""
     from .models.presets import run_unet
 
-    records = calib.records if records is None else records
     weights = dfa_weights([r.dfa for r in calib.records])
+    idx = torch.tensor(calib.eval_samples())
     device = next(unet.parameters()).device
-    idx = torch.tensor(samples)
-    total = 0.0
+    sig = err = dfa = 0.0
     with torch.no_grad():
-        for r in records:
+        for r in calib.records:
             inputs = {k: (v[idx] if v.dim() > 0 else v).to(device) for k, v in r.inputs.items()}
             eps = run_unet(unet, inputs).float().cpu()
-            total += weights[r.step] * float(F.mse_loss(eps, r.eps[idx]))
-    return total / len(records)
+            ref = r.eps[idx]
+            e = float((eps - ref).pow(2).sum())
+            sig, err = sig + float(ref.pow(2).sum()), err + e
+            dfa += weights[r.step] * e / ref.numel()
+    return {"eps_sqnr_db": 10 * math.log10(sig / err) if err > 0 else float("inf"),
+            "dfa_loss": dfa / len(calib.records)}
 
 
 def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: int = 4, lr: float = 1e-3,
-             batch: int = 2, seed: int = 0, progress: Callable[[str], None] | None = None) -> FinetuneResult:
+             batch: int = 2, seed: int = 0, progress: Callable[[str], None] | None = None,
+             before: dict | None = None) -> FinetuneResult:
     """TALoRA + DFA fine-tuning of a quantized UNet on calibration records, then freeze the router.
 
     Only the adapters and the router train (Adam); base weights and quantizer
     parameters stay fixed. Targets are the FP noise predictions stored in the
-    calibration records (no teacher forward needed).
+    calibration records (no teacher forward needed). The held-out DFA loss is
+    measured before and after (``before``: :func:`eval_metrics` already taken).
     """
     from .models.presets import run_unet
 
@@ -262,8 +268,7 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
     params += list(ctrl.router.parameters())
     for p in params:
         p.requires_grad_(True)
-    eval_samples = calib.eval_samples()
-    before = dfa_loss(unet, calib, eval_samples) if calib.holdout else float("nan")
+    before = (before or eval_metrics(unet, calib))["dfa_loss"]
     weights = dfa_weights([r.dfa for r in calib.records])
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -285,5 +290,5 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
     for p in params:
         p.requires_grad_(False)
     table = freeze_router(unet)
-    after = dfa_loss(unet, calib, eval_samples) if calib.holdout else float("nan")
+    after = eval_metrics(unet, calib)["dfa_loss"]
     return FinetuneResult(steps, time.perf_counter() - start, first, last, before, after, table_runs(table))

@@ -55,6 +55,8 @@ def register(subparsers) -> None:
     g.add_argument("--adapters", type=int, default=4, metavar="K", help="TALoRA adapters per layer (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, latents and embeddings")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="CPU threads: a number, or 'auto' (default) for the cores other processes leave free")
     p.add_argument("--quiet", action="store_true", help="print only the checkpoint path")
     p.set_defaults(func=run)
 
@@ -83,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         resolution=args.calib_resolution, scheduler=args.scheduler, calib_embeddings=args.calib_embeddings,
         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
-        mixup=args.mixup, mixed_precision=args.mixed_precision, seed=args.seed, device=args.device)
+        mixup=args.mixup, mixed_precision=args.mixed_precision, seed=args.seed, device=args.device,
+        threads=args.threads)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:

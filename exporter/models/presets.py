@@ -218,7 +218,7 @@ PRESETS: dict[str, Preset] = {
     "sdxl-tiny": Preset(
         "sdxl-tiny", "SDXL-shaped UNet with small widths (tests and demos; seconds on a CPU)",
         "sdxl-tiny.json",
-        cpu=CalibDefaults(samples=4, steps=8, resolution=128, finetune_steps=40, max_tokens=512),
+        cpu=CalibDefaults(samples=4, steps=8, resolution=128, finetune_steps=20, max_tokens=512),
         cuda=CalibDefaults(samples=8, steps=10, resolution=128, finetune_steps=200, max_tokens=1024),
     ),
 }
