@@ -231,37 +231,53 @@ def _capture_hook(cap: LayerCapture, layer: nn.Module, use, S: int, per_call: in
         x = x.float()
         if cap.kind == "conv":
             lo, hi = x.amin(dim=(0, 2, 3)), x.amax(dim=(0, 2, 3))
-            rows = conv_rows(x, layer)
+            rows = conv_rows(x, layer, per_call, gen)
+            cap.tokens_seen += x.shape[0] * x.shape[2] * x.shape[3]
         else:
             flat = x.reshape(-1, x.shape[-1])
             lo, hi = flat.amin(0), flat.amax(0)
+            cap.tokens_seen += flat.shape[0]
             rows = flat
+            if rows.shape[0] > per_call:
+                rows = rows[torch.randperm(rows.shape[0], generator=gen)[:per_call].to(rows.device)]
         cap.ch_min = lo.cpu() if cap.ch_min is None else torch.minimum(cap.ch_min, lo.cpu())
         cap.ch_max = hi.cpu() if cap.ch_max is None else torch.maximum(cap.ch_max, hi.cpu())
-        cap.tokens_seen += rows.shape[0]
-        if rows.shape[0] > per_call:
-            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:per_call].to(rows.device)]
         cap.rows.append(rows.cpu().clone())
 
     return hook
 
 
-def conv_rows(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """im2col rows [n, C*kh*kw] of the patches that touch no padding.
+def conv_rows(x: torch.Tensor, conv: nn.Conv2d, max_rows: int | None = None,
+              gen: torch.Generator | None = None) -> torch.Tensor:
+    """im2col rows [n, C*kh*kw] (order C, kh, kw) of the patches that touch no padding.
 
     Interior patches only: the quantized layer quantizes x before padding, so
     padded zeros stay exact zeros; excluding them keeps row-wise quantization
     of these patches identical to the layer's own arithmetic. (A map too small
-    to have any interior patch keeps all of them.)
+    to have any interior patch keeps all of them.) With ``max_rows``, a seeded
+    random subset of at most that many patches is gathered directly, without
+    materialising the whole im2col matrix. Rows are ordered batch, then
+    output position (row-major), before subsampling.
     """
     if conv.groups != 1:
         raise ValueError("grouped convolutions are not supported by the calibration capture")
-    cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    if any(p for p in conv.padding):
-        ones = torch.ones(1, 1, *x.shape[2:], device=x.device, dtype=x.dtype)
-        inside = F.unfold(ones, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
-                          stride=conv.stride).amin(1)[0] > 0  # [L]
-        if inside.any():  # maps too small to have interior patches keep all (padded zeros then
-            cols = cols[:, :, inside]  # quantize like real zeros: exact for signed formats)
-    # [B, C*taps, L] -> [B*L, C*taps]
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    B, C, H, W = x.shape
+    out_h, out_w = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    top = torch.arange(out_h) * sh - ph  # first input row of each output row's window
+    left = torch.arange(out_w) * sw - pw
+    rows_ok = (top >= 0) & (top + dh * (kh - 1) <= H - 1)
+    cols_ok = (left >= 0) & (left + dw * (kw - 1) <= W - 1)
+    if not (rows_ok.any() and cols_ok.any()):
+        rows_ok, cols_ok = torch.ones_like(rows_ok), torch.ones_like(cols_ok)
+    oi, oj = rows_ok.nonzero()[:, 0], cols_ok.nonzero()[:, 0]
+    pos = torch.stack(torch.meshgrid(torch.arange(B), oi, oj, indexing="ij"), -1).reshape(-1, 3)  # (b, i, j)
+    if max_rows is not None and pos.shape[0] > max_rows:
+        pos = pos[torch.randperm(pos.shape[0], generator=gen)[:max_rows]]
+    xp = F.pad(x, (pw, pw, ph, ph))
+    b, i, j = (pos[:, k].to(x.device) for k in range(3))
+    ii = (i * sh)[:, None] + torch.arange(kh, device=x.device) * dh  # [P, kh] in padded coordinates
+    jj = (j * sw)[:, None] + torch.arange(kw, device=x.device) * dw
+    c = torch.arange(C, device=x.device)
+    patches = xp[b[:, None, None, None], c[None, :, None, None], ii[:, None, :, None], jj[:, None, None, :]]
+    return patches.reshape(pos.shape[0], C * kh * kw)

@@ -95,3 +95,13 @@ def test_denoising_factor_is_how_eps_enters_the_next_latent(kind):
             return s.step(eps, t, x).prev_sample
 
         torch.testing.assert_close(step(e1) - step(e0), factors[i] * (e1 - e0), rtol=1e-4, atol=1e-4)
+
+
+def test_conv_rows_subsample_gathers_a_subset_of_the_patches():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1)
+    x = torch.randn(2, 3, 9, 9)
+    every = conv_rows(x, conv)
+    some = conv_rows(x, conv, 7, torch.Generator().manual_seed(0))
+    assert some.shape == (7, 27)
+    assert all(bool((every == row).all(1).any()) for row in some)
