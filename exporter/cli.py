@@ -65,7 +65,12 @@ def _register_optional(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="export-engine",
+        usage="export-engine MODEL --w4a4 [options]   (the whole pipeline; see `export-engine run -h`)\n"
+              "       export-engine COMMAND [options]",
         description="4-bit FP (MSFP) quantization of diffusion UNets, ONNX export and TensorRT engines.",
+        epilog="Start with: export-engine sdxl-tiny --w4a4 --no-build   (seconds on a CPU), then "
+               "export-engine sdxl --w4a4. Exit codes: 0 ok, 2 usage, 3 bad input, 4 output not "
+               "writable, 5 TensorRT missing, 6 over tolerance.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in SUBCOMMANDS.values():
@@ -77,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # noqa: SLF001 (argparse has no API)
+    if argv and not argv[0].startswith("-") and argv[0] not in commands:
+        argv = ["run"] + argv  # `export-engine MODEL --w4a4 ...` is the main job
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

@@ -43,12 +43,24 @@ def apply_user_loras(graph: gs.Graph, user_loras: list[tuple[str, dict]]) -> int
     return len(touched)
 
 
+def _scalar(graph: gs.Graph, index: gs.Variable) -> gs.Variable:
+    """The adapter index as a rank-0 tensor (the exporter may give it shape [1]), so that
+    Gather(stack [A, ...], index) has the weight's own shape."""
+    if index.shape is not None and len(index.shape) == 0:
+        return index
+    scalar = gs.Variable("talora.adapter_index", dtype=np.int64, shape=[])
+    graph.nodes.append(gs.Node("Reshape", "talora/adapter_index_scalar", {},
+                               [index, gs.Constant("talora.scalar_shape", np.zeros(0, np.int64))], [scalar]))
+    return scalar
+
+
 def fold_lora(graph: gs.Graph, ctx: PassContext) -> dict:
     changes: dict = {}
     user = ctx.options.get("user_loras") or []
     if user:
         changes["user_lora_layers"] = apply_user_loras(graph, user)
     adapter = find_adapter_index(graph)
+    scalar_index = None
     folded = talora = 0
     for layer in find_quant_layers(graph):
         w = layer.weight_input
@@ -64,11 +76,13 @@ def fold_lora(graph: gs.Graph, ctx: PassContext) -> dict:
             raise ValueError(f"layer {layer.name}: its weight depends on graph inputs "
                              f"{[t.name for t in free]} but the graph has no TALoRA adapter table")
         index, table = adapter
+        if scalar_index is None:
+            scalar_index = _scalar(graph, index)
         stack = np.stack([evaluate(graph, [w], {index.name: np.array(k, np.int64)})[0]
                           for k in range(int(table.max()) + 1)])
         selected = gs.Variable(f"{layer.name}.weight_selected", dtype=stack.dtype, shape=stack.shape[1:])
         graph.nodes.append(gs.Node("Gather", f"{layer.name}/select_adapter", {"axis": 0},
-                                   [gs.Constant(f"{layer.name}.weight_per_adapter", stack), index],
+                                   [gs.Constant(f"{layer.name}.weight_per_adapter", stack), scalar_index],
                                    [selected]))
         layer.w_q.inputs[0] = selected
         talora += 1

@@ -18,8 +18,8 @@ from exporter.onnx_ops import DOMAIN, fp4gemm_attrs
 from exporter.packing import pack
 
 from .framework import PassContext
-from .patterns import GEMM_OPS, QuantLayer, constant_value, find_adapter_index, find_quant_layers, \
-    node_attrs_format, producer
+from .patterns import GEMM_OPS, QuantLayer, constant_value, find_quant_layers, node_attrs_format
+from .quantize_weights import read_codes
 
 
 def _groups(bits: list[int]) -> tuple[list[int], list[int]]:
@@ -72,14 +72,10 @@ def fuse_layer(graph: gs.Graph, layer: QuantLayer, adapter_zero: gs.Constant) ->
     w_fmt, bits = node_attrs_format(layer.w_dq)
     if not w_fmt.signed:
         return f"weight format {w_fmt.name} has a zero point (FP4Gemm weights are signed)"
-    codes_t = layer.w_dq.inputs[0]
-    if isinstance(codes_t, gs.Constant):
-        codes, adapter = np.asarray(codes_t.values).view(np.uint8)[None], adapter_zero
-    else:
-        sel = producer(codes_t)
-        if sel is None or sel.op != "Gather" or not isinstance(sel.inputs[0], gs.Constant):
-            return "weight codes are not constant (run quantize_weights first)"
-        codes, adapter = np.asarray(sel.inputs[0].values).view(np.uint8), sel.inputs[1]
+    codes, adapter, _ = read_codes(layer.w_dq.inputs[0])
+    if codes is None:
+        return "weight codes are not constant (run quantize_weights first)"
+    adapter = adapter if adapter is not None else adapter_zero
     if codes.ndim != 3:
         return f"weight codes have rank {codes.ndim - 1}, not 2"
     n, k = codes.shape[1:]

@@ -14,7 +14,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from .framework import PassContext
-from .patterns import GEMM_OPS, find_quant_layers, producer
+from .patterns import GEMM_OPS, find_quant_layers
+from .quantize_weights import read_codes
 
 
 def group_layout(channel_bits: list[int], rows: int) -> tuple[np.ndarray, list[int], list[int]]:
@@ -25,17 +26,6 @@ def group_layout(channel_bits: list[int], rows: int) -> tuple[np.ndarray, list[i
     return perm, [int(b) for b in group_bits], [int(n) for n in group_sizes]
 
 
-def _reorder_rows(t: gs.Tensor, perm: np.ndarray, axis: int, name: str) -> gs.Tensor | None:
-    if isinstance(t, gs.Constant):
-        return gs.Constant(name, np.ascontiguousarray(np.take(t.values, perm, axis=axis)))
-    node = producer(t)  # TALoRA: Gather(stack [A, out, ...], adapter_index)
-    if node is not None and node.op == "Gather" and isinstance(node.inputs[0], gs.Constant):
-        node.inputs[0] = gs.Constant(name + "_per_adapter",
-                                     np.ascontiguousarray(np.take(node.inputs[0].values, perm, axis=1)))
-        return t
-    return None
-
-
 def pack_mixed_precision(graph: gs.Graph, ctx: PassContext) -> dict:
     layouts = ctx.metadata.setdefault("layouts", {})
     grouped = 0
@@ -43,15 +33,13 @@ def pack_mixed_precision(graph: gs.Graph, ctx: PassContext) -> dict:
         bits = [int(b) for b in layer.w_dq.attrs["channel_bits"]]
         if layer.op.op not in GEMM_OPS or len(set(bits)) < 2:
             continue
-        codes, scale = layer.w_dq.inputs[0], layer.w_dq.inputs[1]
-        if not isinstance(scale, gs.Constant):
+        scale = layer.w_dq.inputs[1]
+        _, index, const = read_codes(layer.w_dq.inputs[0])
+        if const is None or not isinstance(scale, gs.Constant):
             raise ValueError(f"pack_mixed_precision: layer {layer.name} is not quantized yet; "
                              "run quantize_weights first")
         perm, group_bits, group_sizes = group_layout(bits, len(bits))
-        new_codes = _reorder_rows(codes, perm, 0, f"{layer.name}.weight_codes_grouped")
-        if new_codes is None:
-            raise ValueError(f"pack_mixed_precision: layer {layer.name}: weight codes are not constant")
-        layer.w_dq.inputs[0] = new_codes
+        const.values = np.ascontiguousarray(np.take(const.values, perm, axis=0 if index is None else 1))
         sv = np.asarray(scale.values)
         layer.w_dq.inputs[1] = gs.Constant(f"{layer.name}.weight_scale_grouped",
                                            np.ascontiguousarray(sv[perm] if sv.ndim else sv))

@@ -1,7 +1,9 @@
 """quantize_weights: fold each weight QuantizeFP into a code initializer; DequantizeFP stays.
 
-Codes are stored as the QuantizeFP output is typed: INT8 tensors holding each code's byte (view as
-uint8 for the code), because TensorRT takes no UINT8 tensors outside Q/DQ.
+Codes are stored as INT8 initializers holding each code's byte (view as uint8 for the code) behind
+a standard ``DequantizeLinear(codes, 1.0)`` that turns them into exact float integers: TensorRT
+accepts an INT8 constant only in front of a DequantizeLinear (or a plugin), and no UINT8 tensors.
+DequantizeFP reads a negative value c as the byte c + 256.
 
 Codes are computed with :mod:`exporter.formats` (the definition the QuantizeFP body reproduces):
 ``u = (W - z) / s`` in float32 (z for unsigned formats only), each output channel encoded with
@@ -45,6 +47,36 @@ def _weight_source(t: gs.Tensor):
     return None, None
 
 
+def code_tensor(graph: gs.Graph, name: str, codes: np.ndarray, index: gs.Tensor | None = None
+                ) -> gs.Variable:
+    """Codes (uint8, with a leading adapter axis when ``index`` is given) as DequantizeFP's input:
+    INT8 initializer -> DequantizeLinear(1.0) -> float codes [-> Gather(., index)]."""
+    const = gs.Constant(name, np.ascontiguousarray(codes).view(np.int8))
+    as_float = gs.Variable(name + "_f", dtype=np.float32, shape=list(codes.shape))
+    graph.nodes.append(gs.Node("DequantizeLinear", name + "/as_float", {},
+                               [const, gs.Constant(name + ".unit_scale", np.array(1.0, np.float32))],
+                               [as_float]))
+    if index is None:
+        return as_float
+    selected = gs.Variable(name + "_selected", dtype=np.float32, shape=list(codes.shape[1:]))
+    graph.nodes.append(gs.Node("Gather", name + "/select_adapter", {"axis": 0}, [as_float, index],
+                               [selected]))
+    return selected
+
+
+def read_codes(t: gs.Tensor) -> tuple[np.ndarray | None, gs.Tensor | None, gs.Constant | None]:
+    """(uint8 codes with a leading adapter axis, adapter index or None, the INT8 initializer)
+    of a tensor made by :func:`code_tensor`; Nones for anything else."""
+    node, index = producer(t), None
+    if node is not None and node.op == "Gather":
+        index, node = node.inputs[1], producer(node.inputs[0])
+    if node is None or node.op != "DequantizeLinear" or not isinstance(node.inputs[0], gs.Constant):
+        return None, None, None
+    const = node.inputs[0]
+    codes = np.asarray(const.values).view(np.uint8)
+    return (codes if index is not None else codes[None]), index, const
+
+
 def quantize_weights(graph: gs.Graph, ctx: PassContext) -> dict:
     done, skipped = 0, []
     for layer in find_quant_layers(graph):
@@ -58,16 +90,12 @@ def quantize_weights(graph: gs.Graph, ctx: PassContext) -> dict:
             continue
         fmt, bits = node_attrs_format(layer.w_q)
         if gather is None:
-            codes = encode_weight(values, fmt, bits, scale, zero).view(np.int8)
-            layer.w_dq.inputs[0] = gs.Constant(f"{layer.name}.weight_codes", codes)
+            codes = encode_weight(values, fmt, bits, scale, zero)
+            layer.w_dq.inputs[0] = code_tensor(graph, f"{layer.name}.weight_codes", codes)
         else:
-            codes = np.stack([encode_weight(v, fmt, bits, scale, zero) for v in values]).view(np.int8)
-            selected = gs.Variable(f"{layer.name}.weight_codes_selected", dtype=np.int8,
-                                   shape=codes.shape[1:])
-            graph.nodes.append(gs.Node("Gather", f"{layer.name}/select_adapter_codes", {"axis": 0},
-                                       [gs.Constant(f"{layer.name}.weight_codes_per_adapter", codes),
-                                        gather.inputs[1]], [selected]))
-            layer.w_dq.inputs[0] = selected
+            codes = np.stack([encode_weight(v, fmt, bits, scale, zero) for v in values])
+            layer.w_dq.inputs[0] = code_tensor(graph, f"{layer.name}.weight_codes_per_adapter", codes,
+                                               gather.inputs[1])
         layer.w_dq.inputs[1] = gs.Constant(f"{layer.name}.weight_scale", scale.astype(np.float32))
         layer.w_dq.inputs[2] = gs.Constant(f"{layer.name}.weight_zero_point", zero.astype(np.float32))
         layer.w_q.outputs.clear()

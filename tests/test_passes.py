@@ -130,8 +130,11 @@ def test_quantize_weights_leaves_codes_and_dequantize(lora):
     model = linear_graph(lora, mixed=True)
     quantized, _ = apply(model, [fold_lora, quantize_weights])
     assert ops(quantized).count("QuantizeFP") == 1  # the activation's
-    codes = [i for i in quantized.graph.initializer if "codes" in i.name]
+    codes = [i for i in quantized.graph.initializer if "codes" in i.name and "unit_scale" not in i.name]
     assert codes and all(c.data_type == TensorProto.INT8 for c in codes)
+    # TensorRT takes an INT8 constant only in front of a DequantizeLinear
+    users = {n.input[0]: n.op_type for n in quantized.graph.node}
+    assert all(users[c.name] == "DequantizeLinear" for c in codes)
     assert not any(i.name == "layer.weight" for i in quantized.graph.initializer)
     for t in (0, 6):
         np.testing.assert_array_equal(run(quantized, t), run(model, t))

@@ -1,0 +1,495 @@
+"""The main job: MODEL -> quantize -> export -> passes -> engine -> verify, staged and cached.
+
+Every stage's result lives in the out dir under a content hash of its inputs and options
+(:mod:`exporter.stages`): a rerun skips finished stages, ``force`` redoes them, and a changed
+option redoes only the stages that depend on it. ``manifest.json`` describes the export.
+
+    OUT/checkpoint/quantized.{json,safetensors}   quantize   (or --quantized CKPT)
+    OUT/onnx/unet.onnx[.data]                     export     (QuantizeFP/DequantizeFP ops)
+    OUT/reference.onnx, plugin.onnx[, native.onnx] passes    (+ OUT/reports/passes_*.json)
+    OUT/engine/unet_<target>_sm<cc>.engine        build      (TensorRT or TensorRT-RTX)
+    OUT/verify/verify.{json,md,png}               verify
+    OUT/manifest.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .atomic import atomic_write_json, check_writable_dir, remove_stale_partials, sha256_file
+from .cli import EXIT_INPUT, EXIT_MISSING_TOOL, EXIT_OUTPUT, EXIT_TOLERANCE, UserError
+from .stages import StageCache, file_fingerprint, stage_key
+
+PIPELINE_VERSION = 1  # bump when a stage's output format changes: invalidates caches
+MANIFEST = "manifest.json"
+TARGETS = ("reference", "plugin", "native")
+#: models above this size are not verified by the main command (run `export-engine verify`)
+VERIFY_AUTO_MAX_PARAMS = 200_000_000
+
+
+@dataclass
+class RunOptions:
+    model: str
+    scheme: str = "w4a4"
+    model_path: str | None = None
+    loras: list[str] = field(default_factory=list)
+    quantized: str | None = None
+    target: str | None = None
+    sm: int | None = None
+    out: str | None = None
+    build: bool = True
+    force: bool = False
+    quiet: bool = False
+    verify: bool | None = None
+    fp16: bool = False
+    # quantization (None: the preset's defaults)
+    calib_samples: int | None = None
+    calib_steps: int | None = None
+    finetune_steps: int | None = None
+    seed: int = 0
+    # engine profiles: images per batch (classifier-free guidance doubles the UNet batch)
+    batch: tuple[int, int, int] = (1, 1, 4)
+    resolution: tuple[int, int, int] | None = None  # pixels (min, opt, max); None: preset default
+    text_len: tuple[int, int, int] = (77, 77, 77)
+    cfg: bool = True
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out or f"models/{self.model}-{self.scheme}")
+
+
+class Progress:
+    """Stage lines with timings; silent with quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(msg, flush=True)
+
+    def stage(self, name: str, result) -> None:
+        how = "cached" if result.cached else f"{result.seconds:.1f} s"
+        self(f"[{name}] {'done' if not result.cached else 'up to date'} ({how})")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _path_fingerprint(path: str | None) -> dict | None:
+    """Identity of a weights file or folder (sizes and mtimes of the files in it)."""
+    if path is None:
+        return None
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--model-path {p} does not exist; give a diffusers folder (with unet/) or a "
+                        ".safetensors checkpoint", EXIT_INPUT)
+    files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+    return {"path": str(p.resolve()), "files": [file_fingerprint(f) for f in files[:200]]}
+
+
+def _preset(name: str):
+    from .models import PRESETS
+
+    if name not in PRESETS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)} "
+                        "(see `export-engine list`)", EXIT_INPUT)
+    return PRESETS[name]
+
+
+def _read_loras(specs: list[str], preset) -> list[tuple[str, dict]]:
+    from graph_passes.lora_files import LoraFileError, parse_lora_arg, read_lora_file
+
+    out = []
+    for spec in specs:
+        try:
+            path, scale = parse_lora_arg(spec)
+            out.append((str(path), read_lora_file(path, scale, unet_config=preset.config())))
+        except LoraFileError as err:
+            raise UserError(str(err), EXIT_INPUT) from None
+    return out
+
+
+def _lora_fingerprints(specs: list[str]) -> list:
+    from graph_passes.lora_files import parse_lora_arg
+
+    fps = []
+    for spec in specs:
+        path, scale = parse_lora_arg(spec)
+        if not path.is_file():
+            raise UserError(f"LoRA file {path} does not exist", EXIT_INPUT)
+        fps.append({"sha256": sha256_file(path), "scale": scale})
+    return fps
+
+
+def _rel(out: Path, p: Path | str | None) -> str | None:
+    return None if p is None else str(Path(p).resolve().relative_to(out.resolve()))
+
+
+def profiles_for(preset, opts: RunOptions) -> dict:
+    """{input: (min, opt, max)} for the engine, and the example shape, from the options."""
+    from .engine import unet_profile
+
+    cfg = preset.config()
+    mult = 2 if opts.cfg else 1
+    batch = tuple(b * mult for b in opts.batch)
+    res = opts.resolution or (cfg["sample_size"] * 8 // 2, cfg["sample_size"] * 8, cfg["sample_size"] * 8)
+    latent = tuple(r // 8 for r in res)
+    return unet_profile(batch, latent, opts.text_len, cfg["in_channels"], cfg["cross_attention_dim"],
+                        preset.text_embeds_dim if cfg.get("addition_embed_type") == "text_time" else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+# ---------------------------------------------------------------------------------------------
+class Pipeline:
+    def __init__(self, opts: RunOptions):
+        self.opts = opts
+        self.out = opts.out_dir
+        self.say = Progress(opts.quiet)
+        self.preset = _preset(opts.model)
+        try:
+            check_writable_dir(self.out)
+        except PermissionError as err:
+            raise UserError(str(err), EXIT_OUTPUT) from None
+        remove_stale_partials(self.out)
+        self.cache = StageCache(self.out, force=opts.force)
+        self.model = None  # the quantized torch model when this process made or loaded it
+        self.timings: dict[str, float] = {}
+
+    # -- quantize ------------------------------------------------------------------------------
+    def quantize(self) -> tuple[str, Path]:
+        o = self.opts
+        if o.quantized:
+            from .checkpoint import read_checkpoint_config
+
+            _, folder = read_checkpoint_config(o.quantized)  # load_checkpoint checks the model later
+            json_path = Path(o.quantized) if Path(o.quantized).is_file() else folder / "quantized.json"
+            return stage_key("checkpoint", file_fingerprint(json_path)), json_path
+        key = stage_key("quantize", PIPELINE_VERSION, o.model, o.scheme, _path_fingerprint(o.model_path),
+                        o.calib_samples, o.calib_steps, o.finetune_steps, o.seed)
+
+        def produce():
+            import warnings
+
+            from .checkpoint import save_checkpoint
+            from .quantize import QuantizeConfig, quantize_model
+
+            cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples,
+                                 calib_steps=o.calib_steps, finetune_steps=o.finetune_steps, seed=o.seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("default")
+                model, report = quantize_model(self.preset, cfg, model_path=o.model_path, progress=self.say)
+            self.say(report.summary())
+            save_checkpoint(model, self.out / "checkpoint", report)
+            self.model = model
+            return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]
+
+        self.say(f"[quantize] {o.model} {o.scheme}")
+        res = self.cache.run("quantize", key, produce)
+        self.say.stage("quantize", res)
+        self.timings["quantize"] = res.seconds
+        return key, self.out / "checkpoint" / "quantized.json"
+
+    def load_model(self, checkpoint: Path):
+        if self.model is None:
+            from .checkpoint import load_checkpoint
+
+            self.model = load_checkpoint(checkpoint, preset=self.preset)
+        return self.model
+
+    # -- export --------------------------------------------------------------------------------
+    def export(self, upstream: str, checkpoint: Path) -> tuple[str, Path]:
+        key = stage_key("export", PIPELINE_VERSION, upstream, self.opts.fp16)
+        onnx_path = self.out / "onnx" / "unet.onnx"
+
+        def produce():
+            from .export import ExportError, export_unet
+
+            model = self.load_model(checkpoint)
+            factor = 2 ** (len(model.config.block_out_channels) - 1)
+            try:
+                res = export_unet(model, onnx_path, batch=2, height=2 * factor, width=2 * factor,
+                                  text_len=self.opts.text_len[1], fp16=self.opts.fp16)
+            except ExportError as err:
+                raise UserError(str(err), EXIT_INPUT) from None
+            if self.opts.fp16:  # the torch model is now fp16: reload for verify
+                self.model = None
+            return ["onnx/unet.onnx"] + (["onnx/unet.onnx.data"] if res.data_path else [])
+
+        self.say("[export] ONNX with export_engine QuantizeFP/DequantizeFP ops")
+        res = self.cache.run("export", key, produce)
+        self.say.stage("export", res)
+        self.timings["export"] = res.seconds
+        return key, onnx_path
+
+    # -- passes --------------------------------------------------------------------------------
+    def targets_to_make(self) -> list[str]:
+        want = ["reference", "plugin"]
+        if self.opts.target == "native" or (self.opts.sm or 0) >= 100:
+            want.append("native")
+        return want
+
+    def passes(self, upstream: str, onnx_path: Path) -> tuple[str, dict]:
+        from graph_passes.targets import build_target
+
+        targets = self.targets_to_make()
+        key = stage_key("passes", PIPELINE_VERSION, upstream, _lora_fingerprints(self.opts.loras), targets)
+        loras = None
+
+        def produce():
+            nonlocal loras
+            loras = _read_loras(self.opts.loras, self.preset)
+            written = []
+            for target in targets:
+                self.say(f"[passes] {target} target")
+                out = self.out / f"{target}.onnx"
+                try:
+                    info = build_target(onnx_path, target, out, user_loras=loras, quiet=self.opts.quiet)
+                except ValueError as err:  # a LoRA that does not fit, a graph we cannot lower
+                    raise UserError(f"graph passes ({target}): {err}", EXIT_INPUT) from None
+                report = self.out / "reports" / f"passes_{target}.json"
+                atomic_write_json(report, info)
+                written += [f"{target}.onnx", f"reports/passes_{target}.json"]
+                if info["data"]:
+                    written.append(f"{target}.onnx.data")
+            return written
+
+        res = self.cache.run("passes", key, produce)
+        self.say.stage("passes", res)
+        self.timings["passes"] = res.seconds
+        return key, {t: self.out / f"{t}.onnx" for t in targets}
+
+    # -- build ---------------------------------------------------------------------------------
+    def choose_backend(self, explicit: bool) -> tuple[str | None, str | None, int | None, str]:
+        """(trt module, target, sm, why) or (None, None, None, why-not)."""
+        o = self.opts
+        if has_module("tensorrt") and cuda_available():
+            return "tensorrt", o.target or "plugin", None, "TensorRT on this GPU"
+        if has_module("tensorrt_rtx"):
+            sm = o.sm or 89
+            target = o.target or ("native" if sm >= 100 else "reference")
+            if target == "plugin":
+                raise UserError("TensorRT-RTX builds networks without plugin layers: use --target "
+                                "reference or native here, or build the plugin target on a GPU host "
+                                "with TensorRT (`export-engine build OUT`)", EXIT_INPUT)
+            return "tensorrt_rtx", target, sm, f"TensorRT-RTX for SM{sm} (CPU build)"
+        why = ("no TensorRT: neither `tensorrt` (with a CUDA GPU) nor `tensorrt_rtx` can be imported. "
+               "Install tensorrt-rtx-cu13 to build here, or on a GPU host with TensorRT run "
+               f"`export-engine build {self.out}`")
+        if explicit:
+            raise UserError(why, EXIT_MISSING_TOOL)
+        return None, None, None, why
+
+    def build(self, upstream: str, onnx_files: dict, explicit: bool = False) -> dict | None:
+        module, target, sm, why = self.choose_backend(explicit)
+        if module is None:
+            self.say(f"[build] skipped: {why}")
+            return None
+        if target not in onnx_files:
+            raise UserError(f"--target {target}: this export has no {target}.onnx (made: "
+                            f"{', '.join(onnx_files)}); rerun with --target {target}", EXIT_INPUT)
+        from .engine import build_engine
+
+        profile = profiles_for(self.preset, self.opts)
+        plugin_libs: list[str] = []
+        if module == "tensorrt" and target == "plugin":
+            from plugins.loader import load_plugin, plugin_library_path
+
+            load_plugin()
+            plugin_libs = [str(plugin_library_path())]
+        name = f"unet_{target}" + (f"_sm{sm}" if sm else "") + ".engine"
+        engine = self.out / "engine" / name
+        key = stage_key("build", PIPELINE_VERSION, upstream, module, target, sm, profile)
+
+        def produce():
+            self.say(f"[build] {target} target with {why}: "
+                     + {"reference": "FP4 numerics as standard ops (table decode, no FP4 hardware type)",
+                        "plugin": "FP4Gemm plugin kernels (FP8/FP16 tensor cores)",
+                        "native": "NVFP4 (FLOAT4E2M1) where expressible, standard ops elsewhere"}[target])
+            timing = Path("models") / "timing.cache" if module == "tensorrt" else None
+            build_engine(onnx_files[target], engine, sm=sm, profiles=profile, quiet=self.opts.quiet,
+                         timing_cache=timing, trt_module=module)
+            return [str(engine.relative_to(self.out))]
+
+        res = self.cache.run("build", key, produce)
+        self.say.stage("build", res)
+        self.timings["build"] = res.seconds
+        return {"engine": engine, "target": target, "sm": sm, "backend": module, "profile": profile,
+                "plugin_libs": plugin_libs}
+
+    # -- manifest ------------------------------------------------------------------------------
+    def write_manifest(self, checkpoint: Path, onnx_export: Path, onnx_files: dict,
+                       engine: dict | None, extra: dict | None = None) -> dict:
+        from .checkpoint import read_checkpoint_config
+
+        cfg, _ = read_checkpoint_config(checkpoint)
+        profile = profiles_for(self.preset, self.opts)
+        artifacts = {"checkpoint": _rel(self.out, checkpoint) if checkpoint.resolve().is_relative_to(
+            self.out.resolve()) else str(checkpoint.resolve()), "export_onnx": _rel(self.out, onnx_export)}
+        for t, p in onnx_files.items():
+            artifacts[f"{t}_onnx"] = _rel(self.out, p)
+        if engine:
+            artifacts["engine"] = _rel(self.out, engine["engine"])
+        reports = sorted(str(p.relative_to(self.out)) for p in (self.out / "reports").glob("*.json"))
+        artifacts["reports"] = reports
+        hashes = {}
+        for rel in [v for k, v in artifacts.items() if isinstance(v, str) and not Path(v).is_absolute()]:
+            p = self.out / rel
+            for f in [p, p.with_name(p.name + ".data")]:
+                if f.is_file():
+                    hashes[str(f.relative_to(self.out))] = sha256_file(f)
+        inputs = []
+        for name, (lo, opt, hi) in profile.items():
+            inputs.append({"name": name, "dtype": "float16" if self.opts.fp16 else "float32",
+                           "min_shape": list(lo), "opt_shape": list(opt), "max_shape": list(hi),
+                           "example_shape": list(opt)})
+        inputs.insert(1, {"name": "timestep", "dtype": "float32", "min_shape": [], "opt_shape": [],
+                          "max_shape": [], "example_shape": []})
+        manifest = {
+            "model": self.opts.model,
+            "scheme": self.opts.scheme,
+            "quantization": _quant_summary(cfg),
+            "artifacts": artifacts,
+            "inputs": inputs,
+            "outputs": [{"name": "out_sample", "dtype": "float16" if self.opts.fp16 else "float32"}],
+            "engine": None if engine is None else {
+                "target": engine["target"], "sm": engine["sm"], "backend": engine["backend"]},
+            "plugin_library": _plugin_library(),
+            "talora_table": (cfg.get("talora") or {}).get("table_runs"),
+            "loras": [{"file": s} for s in self.opts.loras],
+            "tool_versions": _versions(),
+            "hashes": hashes,
+            "timings_s": {k: round(v, 2) for k, v in self.timings.items()},
+        }
+        manifest.update(extra or {})
+        atomic_write_json(self.out / MANIFEST, manifest)
+        return manifest
+
+
+def _quant_summary(cfg: dict) -> dict:
+    """Counts of weight / activation formats and features over the checkpoint's layers."""
+    w, a, mixed, aal = {}, {}, 0, 0
+    for layer in cfg.get("layers", {}).values():
+        wf, af = layer["weight"]["format"], layer["activation"]["format"] or "float"
+        w[wf] = w.get(wf, 0) + 1
+        a[af] = a.get(af, 0) + 1
+        mixed += len(layer["weight"]["bits_histogram"]) > 1
+        aal += bool(layer.get("aal"))
+    return {"preset": cfg.get("preset"), "scheme": cfg.get("scheme"), "layers": len(cfg.get("layers", {})),
+            "weight_formats": w, "activation_formats": a, "mixed_precision_layers": mixed,
+            "aal_layers": aal, "kept_high_precision": cfg.get("kept_fp", []),
+            "talora_adapters": (cfg.get("talora") or {}).get("adapters")}
+
+
+def _plugin_library() -> str | None:
+    try:
+        from plugins.loader import plugin_library_path
+
+        return str(plugin_library_path(build_if_missing=False))
+    except Exception:  # not built here: the README says how to build it on a GPU host
+        return None
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import torch
+
+    from . import __version__
+
+    v = {"export_engine": __version__, "python": platform.python_version(), "torch": torch.__version__,
+         "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+    for mod in ("diffusers", "tensorrt", "tensorrt_rtx"):
+        if has_module(mod):
+            try:
+                v[mod] = __import__(mod).__version__
+            except Exception:
+                v[mod] = "unknown"
+    return v
+
+
+def run(opts: RunOptions) -> dict:
+    """The main command; returns the manifest."""
+    if opts.target is not None and opts.target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {opts.target!r}")
+    t0 = time.perf_counter()
+    p = Pipeline(opts)
+    if p.opts.model_path is None and not opts.quantized:
+        p.say(f"warning: no --model-path: {opts.model} is built with seeded random weights; this "
+              "exercises the pipeline but the model generates noise")
+    qkey, ckpt = p.quantize()
+    ekey, onnx_path = p.export(qkey, ckpt)
+    pkey, onnx_files = p.passes(ekey, onnx_path)
+    engine = p.build(pkey, onnx_files) if opts.build else None
+    if not opts.build:
+        p.say(f"[build] skipped (--no-build); build later with `export-engine build {p.out}`")
+    manifest = p.write_manifest(ckpt, onnx_path, onnx_files, engine)
+    verify = opts.verify
+    if verify is None:
+        verify = _param_count(p) < VERIFY_AUTO_MAX_PARAMS
+    if verify:
+        from .verify import verify_export
+
+        report = verify_export(p.out, quiet=opts.quiet, model=p.model)
+        manifest = json.loads((p.out / MANIFEST).read_text())
+        if not report["passed"]:
+            raise UserError(f"verify: over tolerance, see {p.out / 'verify' / 'verify.md'}", EXIT_TOLERANCE)
+    else:
+        p.say(f"[verify] skipped for a model this size on CPU; run `export-engine verify {p.out}`")
+    p.say(f"done in {time.perf_counter() - t0:.0f} s: {p.out / MANIFEST}")
+    return manifest
+
+
+def _param_count(p: Pipeline) -> int:
+    import torch
+
+    if p.model is not None:
+        return sum(t.numel() for t in p.model.parameters())
+    with torch.device("meta"):
+        return sum(t.numel() for t in p.preset.build_empty().parameters())
+
+
+def build_existing(out: str | Path, target: str | None = None, sm: int | None = None,
+                   force: bool = False, quiet: bool = False) -> dict:
+    """`export-engine build OUT`: an engine from an existing export (TensorRT must be there)."""
+    out = Path(out)
+    manifest = read_manifest(out)
+    opts = RunOptions(model=manifest["model"], scheme=manifest.get("scheme", "w4a4"), out=str(out),
+                      target=target, sm=sm, force=force, quiet=quiet)
+    p = Pipeline(opts)
+    files = {t: out / manifest["artifacts"][f"{t}_onnx"] for t in TARGETS
+             if manifest["artifacts"].get(f"{t}_onnx")}
+    upstream = stage_key("existing", {t: file_fingerprint(f) for t, f in files.items()})
+    engine = p.build(upstream, files, explicit=True)
+    ckpt = out / manifest["artifacts"]["checkpoint"]
+    return p.write_manifest(ckpt, out / manifest["artifacts"]["export_onnx"], files, engine,
+                            {k: v for k, v in manifest.items() if k in ("verify",)})
+
+
+def read_manifest(out: str | Path) -> dict:
+    out = Path(out)
+    path = out / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{out} is not an export-engine export (no {MANIFEST}); make one with "
+                        "`export-engine MODEL --w4a4 --out DIR`", EXIT_INPUT)
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise UserError(f"{path} is corrupt ({err}); rerun the export", EXIT_INPUT) from None

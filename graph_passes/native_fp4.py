@@ -1,0 +1,373 @@
+"""to_native_fp4: Blackwell NVFP4 (standard ONNX FLOAT4E2M1 Q/DQ) where a layer's quantization is
+expressible natively and exactly; every other quantized layer keeps its reference ops.
+
+Runs after ``fold_lora`` and ``quantize_weights``. A layer becomes NVFP4 (the TensorRT / ModelOpt
+convention: FLOAT4E2M1 weight initializer, block size 16 along K, FP8 E4M3 block scales behind a
+DequantizeLinear by an fp32 per-tensor scale) when all of these hold (docs/targets.md says why):
+
+- it is a Linear layer computing ``x @ W^T`` (MatMul behind a ``[1, 0]`` Transpose, or Gemm with
+  ``transB=1``): TensorRT's FP4 GEMMs cover matrix multiplies only, not convolutions;
+- its weight format is signed ``e2m1`` (default bias) with every channel at 4 bits: the only
+  4-bit format the hardware decodes; mixed precision rows would need other grids;
+- its weight codes are one constant (not a TALoRA stack selected per timestep): a FLOAT4E2M1
+  weight must be an initializer feeding the DequantizeLinear;
+- K is a multiple of 16 (whole NVFP4 blocks);
+- its activation quantizer is signed ``e2m1`` with a static per-tensor scale ``s_a``.
+
+Exactness. Our weight is ``table[code] * s_c`` with an fp32 scale per output channel. The NVFP4
+weight keeps our codes byte for byte (same nibble layout), its FP8 block scales are 1.0 and its
+per-tensor scale 1.0 (both exact), and ``s_c`` becomes a per-channel ``Mul`` after the GEMM (a
+GEMM epilogue in TensorRT): ``x @ (s_c * W)^T == (x @ W^T) * s_c`` up to fp32 rounding order.
+Activations: ``QuantizeLinear(x, s_a) -> FLOAT4E2M1 -> DequantizeLinear(s_a)`` divides in fp32
+and rounds to nearest even with saturation, exactly our e2m1 encoding (checked per layer below
+and in tests/test_targets.py with ``onnx.reference``).
+
+Dynamic per-token activations (scale = row absmax / 6) are not NVFP4: TensorRT's dynamic FP4
+quantizer (``trt::TRT_FP4DynamicQuantize``) uses block-16 scales rounded to FP8 E4M3 under a
+per-tensor scale that must be an initializer (its parser refuses a computed one), and a per-token
+export carries no calibrated range for it. Those layers stay reference ops (exact); the report
+gives the error the NVFP4 dynamic convention would add (``nvfp4_dynamic_rel_l2``, simulated with
+the best per-tensor scale for the test batch) so the trade can be judged per layer.
+
+Every quantized layer gets a ``ctx.layer_report`` row ``{"layer", "target": "native", "impl":
+"nvfp4" | "reference ops", "why", "added_rel_l2"}``: ``added_rel_l2`` is the relative L2 error of
+the layer's output against the exact reference (float64 over the reference's fp32 dequantized
+operands) on seeded random inputs drawn uniformly from the layer's calibrated activation range
+(``+-6 s_a``), the native subgraph run by ``onnx.reference``; 0.0 for layers kept as reference ops.
+Options (``ctx.options``): ``native_check_tokens`` (rows of the random input; 0 skips the
+measurement and reports ``None``), ``native_seed``.
+"""
+from __future__ import annotations
+
+import zlib
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from exporter.formats import get_format
+from exporter.packing import pack
+
+from .framework import PassContext
+from .patterns import GEMM_OPS, QuantLayer, constant_value, find_quant_layers, node_attrs_format, \
+    producer
+
+#: the ONNX opset of FLOAT4E2M1 QuantizeLinear / DequantizeLinear
+NVFP4_OPSET = 23
+BLOCK = 16
+E2M1 = get_format("e2m1")
+FP8_MAX = 448.0
+DEFAULT_CHECK_TOKENS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Eligibility
+# ---------------------------------------------------------------------------------------------
+class _Plan:
+    """What an eligible layer needs: codes [N, K] uint8, s_c [N], s_a, bias or None, gemm kind."""
+
+    def __init__(self, codes, w_scale, a_scale, bias_add, bias, x, dtype):
+        self.codes, self.w_scale, self.a_scale = codes, w_scale, a_scale
+        self.bias_add, self.bias, self.x, self.dtype = bias_add, bias, x, dtype
+
+
+def _is_xwt(layer: QuantLayer) -> bool:
+    """The layer computes x @ W^T with W the DequantizeFP output, nothing else in between."""
+    op = layer.op
+    if op.op == "Gemm":
+        a = op.attrs
+        return (not layer.layout and a.get("transB", 0) == 1 and a.get("transA", 0) == 0
+                and a.get("alpha", 1.0) == 1.0 and a.get("beta", 1.0) == 1.0)
+    return (len(layer.layout) == 1 and layer.layout[0].op == "Transpose"
+            and list(layer.layout[0].attrs.get("perm", [1, 0])) == [1, 0])
+
+
+def _is_e2m1(node: gs.Node) -> bool:
+    fmt, _ = node_attrs_format(node)
+    return fmt.name == "e2m1" and int(node.attrs.get("bias", fmt.bias)) == fmt.bias
+
+
+def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
+    """(plan, why): a plan when the layer is expressible as exact NVFP4, else None and the reason."""
+    if layer.op.op not in GEMM_OPS:
+        return None, "convolution: TensorRT's NVFP4 GEMMs cover Linear (MatMul/Gemm) layers only"
+    if not _is_xwt(layer):
+        return None, "weight is not used as x @ W^T"
+    w_fmt, bits = node_attrs_format(layer.w_dq)
+    if not _is_e2m1(layer.w_dq):
+        return None, f"weight format {w_fmt.name} is not signed e2m1 (the only NVFP4 grid)"
+    if any(b != 4 for b in bits):
+        return None, "mixed-precision weight channels (3/4/5 bits): NVFP4 has one 4-bit grid"
+    codes_t = layer.w_dq.inputs[0]
+    if not isinstance(codes_t, gs.Constant):
+        sel = producer(codes_t)
+        if sel is not None and sel.op == "Gather" and isinstance(sel.inputs[0], gs.Constant):
+            return None, ("TALoRA: weight codes are selected per timestep (Gather of an adapter "
+                          "stack); NVFP4 weights must be one initializer")
+        return None, "weight codes are not constant (run quantize_weights first)"
+    codes = np.asarray(codes_t.values).view(np.uint8)
+    if codes.ndim != 2:
+        return None, f"weight codes have rank {codes.ndim}, not 2"
+    n, k = codes.shape
+    if k % BLOCK:
+        return None, f"K = {k} is not a multiple of the NVFP4 block size {BLOCK}"
+    if codes.max(initial=0) > 15:
+        return None, "weight codes exceed 4 bits"
+    w_scale = constant_value(graph, layer.w_dq.inputs[1])
+    if w_scale is None or w_scale.size != n or not np.all(np.isfinite(w_scale)):
+        return None, "weight scale is not a finite per-channel constant"
+    if layer.a_q is None or layer.a_dq is None:
+        return None, "activations are not quantized (NVFP4 GEMMs take FP4 activations)"
+    a_fmt, _ = node_attrs_format(layer.a_q)
+    if not _is_e2m1(layer.a_q) or not _is_e2m1(layer.a_dq):
+        return None, (f"activation format {a_fmt.name} is not signed e2m1"
+                      + (" (it has a zero point)" if not a_fmt.signed else ""))
+    if int(layer.a_q.attrs.get("dynamic", 0)):
+        return None, ("dynamic per-token activation scales: NVFP4 activations are block-16 dynamic "
+                      "with FP8 scales under an initializer per-tensor scale, not the same grid")
+    a_scale = constant_value(graph, layer.a_q.inputs[1])
+    dq_scale = constant_value(graph, layer.a_dq.inputs[1])
+    if (a_scale is None or a_scale.size != 1 or dq_scale is None or dq_scale.size != 1
+            or np.float32(a_scale.reshape(())) != np.float32(dq_scale.reshape(()))):
+        return None, "activation scale is not one per-tensor constant"
+    s_a = np.float32(a_scale.reshape(()))
+    if not (np.isfinite(s_a) and s_a > 0):
+        return None, f"activation scale {s_a} is not positive and finite"
+    x = layer.a_q.inputs[0]
+    if x.dtype is not None and np.dtype(x.dtype) not in (np.float32, np.float16):
+        return None, f"activation dtype {x.dtype} is not float32/float16"
+    add, bias_t = layer.bias_add()
+    bias = None if bias_t is None else np.asarray(bias_t.values)
+    if bias is not None and bias.size != n:
+        return None, "bias is not per output channel"
+    dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
+    return _Plan(codes, w_scale.reshape(n).astype(np.float32), s_a, add, bias, x, dtype), ""
+
+
+# ---------------------------------------------------------------------------------------------
+# NVFP4 subgraph
+# ---------------------------------------------------------------------------------------------
+def fp4_weight(name: str, codes: np.ndarray) -> gs.Constant:
+    """A FLOAT4E2M1 initializer holding e2m1 codes [N, K] as they are (two a byte, element 0 in
+    the low nibble: the same bytes as exporter.packing's 4-bit layout)."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, onnx.TensorProto.FLOAT4E2M1
+    t.dims.extend(codes.shape)
+    t.raw_data = pack(codes.astype(np.uint8), 4).tobytes()
+    return gs.Constant(name, LazyValues(t))
+
+
+def _v(name: str, dtype, shape=None) -> gs.Variable:
+    return gs.Variable(name, dtype=dtype, shape=shape)
+
+
+def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor,
+               transpose_out_shape=None) -> list[gs.Node]:
+    """Nodes computing the layer from ``x`` into ``out``:
+
+    x -[Cast f32]-> QuantizeLinear(s_a, FLOAT4E2M1) -> DequantizeLinear(s_a) -[Cast]-> x_dq
+    DequantizeLinear(fp8 ones [N, K/16], 1.0) -> DequantizeLinear(W fp4 [N, K], axis 1, block 16)
+      -> (Transpose -> MatMul | Gemm transB=1) -> Mul(s_c) [-> Add(bias)] -> out
+    """
+    n, k = plan.codes.shape
+    f32, dt = np.float32, plan.dtype
+    nodes: list[gs.Node] = []
+    xin = x
+    if dt != np.float32:
+        xin = _v(f"{name}.nvfp4.x_f32", f32)
+        nodes.append(gs.Node("Cast", f"{name}/nvfp4/cast_in", {"to": onnx.TensorProto.FLOAT},
+                             [x], [xin]))
+    s_a = gs.Constant(f"{name}.nvfp4.input_scale", np.asarray(plan.a_scale, f32))
+    xq = _v(f"{name}.nvfp4.x_fp4", None)
+    nodes.append(gs.Node("QuantizeLinear", f"{name}/nvfp4/input_quantize",
+                         {"output_dtype": onnx.TensorProto.FLOAT4E2M1, "saturate": 1},
+                         [xin, s_a], [xq]))
+    xdq = _v(f"{name}.nvfp4.x_dq", f32)
+    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/input_dequantize", {}, [xq, s_a], [xdq]))
+    if dt != np.float32:
+        x16 = _v(f"{name}.nvfp4.x_dq_cast", dt)
+        nodes.append(gs.Node("Cast", f"{name}/nvfp4/cast_dq", {"to": onnx.helper.np_dtype_to_tensor_dtype(dt)},
+                             [xdq], [x16]))
+        xdq = x16
+    # weights: FP8 block scales (all 1.0) under an fp32 per-tensor scale (1.0), then FP4 codes
+    block_scale = gs.Constant(f"{name}.nvfp4.weight_block_scale",
+                              np.ones((n, k // BLOCK), np.float32).astype(ml_dtypes.float8_e4m3fn))
+    global_scale = gs.Constant(f"{name}.nvfp4.weight_scale_2", np.asarray(1.0, dt))
+    bs = _v(f"{name}.nvfp4.weight_block_scale_dq", dt, [n, k // BLOCK])
+    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/weight_scale_dequantize", {},
+                         [block_scale, global_scale], [bs]))
+    w = _v(f"{name}.nvfp4.weight_dq", dt, [n, k])
+    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/weight_dequantize",
+                         {"axis": 1, "block_size": BLOCK},
+                         [fp4_weight(f"{name}.nvfp4.weight", plan.codes), bs], [w]))
+    acc = _v(f"{name}.nvfp4.gemm_out", dt)
+    if op == "Gemm":
+        nodes.append(gs.Node("Gemm", f"{name}/nvfp4/gemm", {"transB": 1}, [xdq, w], [acc]))
+    else:
+        wt = _v(f"{name}.nvfp4.weight_t", dt, [k, n])
+        nodes.append(gs.Node("Transpose", f"{name}/nvfp4/weight_transpose", {"perm": [1, 0]}, [w], [wt]))
+        nodes.append(gs.Node("MatMul", f"{name}/nvfp4/matmul", {}, [xdq, wt], [acc]))
+    s_c = gs.Constant(f"{name}.nvfp4.channel_scale", plan.w_scale.astype(dt))
+    if plan.bias is None:
+        nodes.append(gs.Node("Mul", f"{name}/nvfp4/channel_scale", {}, [acc, s_c], [out]))
+    else:
+        scaled = _v(f"{name}.nvfp4.scaled", dt)
+        nodes.append(gs.Node("Mul", f"{name}/nvfp4/channel_scale", {}, [acc, s_c], [scaled]))
+        b = gs.Constant(f"{name}.nvfp4.bias", np.asarray(plan.bias).astype(dt))
+        nodes.append(gs.Node("Add", f"{name}/nvfp4/bias", {}, [scaled, b], [out]))
+    return nodes
+
+
+def rewrite_layer(graph: gs.Graph, layer: QuantLayer, plan: _Plan) -> None:
+    """Replace the layer (activation Q/DQ, weight DQ, layout, GEMM, bias Add) by the NVFP4 nodes;
+    the layer's output tensor (and everything reading it) stays."""
+    out = plan.bias_add.outputs[0] if plan.bias_add is not None else layer.op.outputs[0]
+    layer.op.outputs.clear()
+    if plan.bias_add is not None:
+        plan.bias_add.outputs.clear()
+    graph.nodes.extend(emit_nvfp4(layer.name, plan, layer.op.op, plan.x, out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------------
+def _rng(name: str, seed: int) -> np.random.Generator:
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def _rel_l2(y: np.ndarray, ref: np.ndarray) -> float:
+    d = np.linalg.norm((np.asarray(y, np.float64) - ref).ravel())
+    r = np.linalg.norm(ref.ravel())
+    return float(d / r) if r > 0 else float(d)
+
+
+def reference_weight(plan: _Plan) -> np.ndarray:
+    """The reference graph's dequantized weight, fp32: s_c * table[code] (DequantizeFP)."""
+    return (plan.w_scale[:, None] * E2M1.table[plan.codes]).astype(np.float32)
+
+
+def run_native_layer(name: str, plan: _Plan, op: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(layer output, dequantized activations) of the emitted NVFP4 nodes, by onnx.reference."""
+    from onnx.reference import ReferenceEvaluator
+
+    xin = _v("x", plan.dtype, list(x.shape))
+    y = _v("y", plan.dtype, [x.shape[0], plan.codes.shape[0]])
+    nodes = emit_nvfp4(name, plan, op, xin, y)
+    xdq = next(nd.outputs[0] for nd in nodes if nd.name.endswith("/nvfp4/input_dequantize"))
+    g = gs.Graph(nodes=nodes, inputs=[xin], outputs=[y, xdq], opset=NVFP4_OPSET)
+    g.outputs[1].dtype = np.float32
+    model = gs.export_onnx(g)
+    model.ir_version = 10
+    y_out, xdq_out = ReferenceEvaluator(model).run(None, {"x": x.astype(plan.dtype)})
+    return np.asarray(y_out), np.asarray(xdq_out)
+
+
+def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tuple[float, bool]:
+    """(relative L2 of the NVFP4 layer vs the exact reference, activation values identical?)."""
+    amax = 6.0 * float(plan.a_scale)
+    x = _rng(name, seed).uniform(-amax, amax, (tokens, plan.codes.shape[1])).astype(np.float32)
+    u = (x / np.float32(plan.a_scale)).astype(np.float32)
+    x_ref = (E2M1.table[E2M1.encode(u, nan="zero")] * np.float32(plan.a_scale)).astype(np.float32)
+    ref = x_ref.astype(np.float64) @ reference_weight(plan).astype(np.float64).T
+    if plan.bias is not None:
+        ref = ref + plan.bias.astype(np.float64)
+    y, x_dq = run_native_layer(name, plan, op, x)
+    return _rel_l2(y, ref), bool(np.array_equal(x_dq, x_ref))
+
+
+def nvfp4_dynamic_quantize(x: np.ndarray, global_scale: float) -> np.ndarray:
+    """Dequantized values of TensorRT's dynamic NVFP4 activation quantizer (simulated): per block
+    of 16 along the last axis, scale = fp8_e4m3(amax / 6 / g) * g, values rounded to e2m1."""
+    xb = x.reshape(x.shape[:-1] + (-1, BLOCK)).astype(np.float32)
+    g = np.float32(global_scale)
+    sb = (np.abs(xb).max(-1, keepdims=True) / np.float32(6.0) / g).astype(ml_dtypes.float8_e4m3fn)
+    s = sb.astype(np.float32) * g
+    safe = np.where(s > 0, s, np.float32(1))
+    q = (xb / safe).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s
+    return q.reshape(x.shape)
+
+
+def measure_dynamic_alternative(name: str, codes: np.ndarray, w_scale: np.ndarray, tokens: int,
+                                seed: int) -> float:
+    """Relative L2 that NVFP4 dynamic activations (block 16, FP8 scales, best per-tensor scale)
+    would add to a per-token e2m1 layer, on tokens of random magnitude."""
+    k = codes.shape[1]
+    rng = _rng(name, seed)
+    x = (rng.standard_normal((tokens, k)) * np.exp(rng.standard_normal((tokens, 1)))).astype(np.float32)
+    s_t = np.maximum(np.abs(x).max(-1, keepdims=True) / np.float32(6.0), np.float32(1e-8))
+    x_ref = E2M1.table[E2M1.encode((x / s_t).astype(np.float32), nan="zero")] * s_t
+    x_nv = nvfp4_dynamic_quantize(x, float(np.abs(x).max()) / (6.0 * FP8_MAX))
+    w = (w_scale.reshape(-1, 1) * E2M1.table[codes]).astype(np.float64)
+    ref = x_ref.astype(np.float64) @ w.T
+    return _rel_l2(x_nv.astype(np.float64) @ w.T, ref)
+
+
+def _dynamic_e2m1_candidate(graph: gs.Graph, layer: QuantLayer):
+    """(codes, w_scale) when the layer would be NVFP4 but for its dynamic per-token activations."""
+    if layer.a_q is None or not int(layer.a_q.attrs.get("dynamic", 0)) or not _is_e2m1(layer.a_q):
+        return None
+    if layer.op.op not in GEMM_OPS or not _is_xwt(layer) or not _is_e2m1(layer.w_dq):
+        return None
+    if any(b != 4 for b in node_attrs_format(layer.w_dq)[1]):
+        return None
+    if not isinstance(layer.w_dq.inputs[0], gs.Constant):
+        return None
+    codes = np.asarray(layer.w_dq.inputs[0].values).view(np.uint8)
+    w_scale = constant_value(graph, layer.w_dq.inputs[1])
+    if codes.ndim != 2 or codes.shape[1] % BLOCK or w_scale is None or w_scale.size != codes.shape[0]:
+        return None
+    return codes, w_scale
+
+
+def raise_opset(graph: gs.Graph, opset: int) -> None:
+    """Standard-domain opset to at least ``opset``: the graph's and its local functions' (the
+    checker wants one version per domain; our function bodies mean the same under opset 23)."""
+    for g in [graph] + list(graph.functions):
+        g.opset = max(int(g.opset), opset)
+        for imp in g.import_domains or []:
+            if imp.domain in ("", "ai.onnx"):
+                imp.version = max(int(imp.version), opset)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------------
+def to_native_fp4(graph: gs.Graph, ctx: PassContext) -> dict:
+    tokens = int(ctx.options.get("native_check_tokens", DEFAULT_CHECK_TOKENS))
+    seed = int(ctx.options.get("native_seed", 0))
+    rows, native = [], 0
+    for layer in find_quant_layers(graph):
+        plan, why = plan_layer(graph, layer)
+        if plan is None:
+            row = {"layer": layer.name, "target": "native", "impl": "reference ops", "why": why,
+                   "added_rel_l2": 0.0}
+            cand = _dynamic_e2m1_candidate(graph, layer)
+            if cand is not None:
+                row["nvfp4_dynamic_rel_l2"] = (measure_dynamic_alternative(layer.name, *cand, tokens, seed)
+                                               if tokens > 0 else None)
+            rows.append(row)
+            continue
+        row = {"layer": layer.name, "target": "native", "impl": "nvfp4",
+               "why": ("Linear with e2m1 weights (4 bit) and static per-tensor e2m1 activations: "
+                       "FP4 codes as they are, FP8 block scales 1.0, channel scale after the GEMM"),
+               "added_rel_l2": None}
+        if tokens > 0:
+            rel, same = measure_nvfp4(layer.name, plan, layer.op.op, tokens, seed)
+            if not same:
+                raise AssertionError(f"{layer.name}: FLOAT4E2M1 QuantizeLinear does not reproduce "
+                                     "the e2m1 activation codes")
+            row["added_rel_l2"] = rel
+        rewrite_layer(graph, layer, plan)
+        rows.append(row)
+        native += 1
+    if native:
+        raise_opset(graph, NVFP4_OPSET)
+    ctx.layer_report.extend(rows)
+    measured = [r["added_rel_l2"] for r in rows if r["impl"] == "nvfp4" and r["added_rel_l2"] is not None]
+    ctx.metadata["native"] = {"nvfp4": native, "reference_ops": len(rows) - native,
+                              "max_added_rel_l2": max(measured) if measured else 0.0,
+                              "opset": int(graph.opset)}
+    return {"nvfp4_layers": native, "reference_ops_layers": len(rows) - native} if rows else {}
