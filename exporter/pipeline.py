@@ -126,6 +126,22 @@ def _read_loras(specs: list[str], preset) -> list[tuple[str, dict]]:
     return out
 
 
+def check_loras_fit(loras: list[tuple[str, dict]], preset) -> None:
+    """Every LoRA key must name a Linear/Conv2d of the model with the right shape: checked on the
+    meta-device model before any stage runs, so a bad file changes nothing on disk."""
+    from torch import nn
+
+    from graph_passes.lora_files import LoraFileError, check_against_layers
+
+    shapes = {name: (m.weight.shape[0], m.weight[0].numel()) for name, m in
+              preset.build_empty().named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
+    for path, deltas in loras:
+        try:
+            check_against_layers(deltas, shapes, path)
+        except LoraFileError as err:
+            raise UserError(str(err), EXIT_INPUT) from None
+
+
 def _lora_fingerprints(specs: list[str]) -> list:
     from graph_passes.lora_files import parse_lora_arg
 
@@ -136,6 +152,25 @@ def _lora_fingerprints(specs: list[str]) -> list:
             raise UserError(f"LoRA file {path} does not exist", EXIT_INPUT)
         fps.append({"sha256": sha256_file(path), "scale": scale})
     return fps
+
+
+def code_fingerprint(*packages: str, exclude: tuple[str, ...] = ()) -> str:
+    """Hash of the source of the packages a stage runs, so a new version of the code redoes the
+    stages it affects (and only those)."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for pkg in packages:
+        for f in sorted((root / pkg).glob("**/*.py")):
+            if f.name not in exclude:
+                h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+#: modules that do not change what quantize/export produce
+_ORCHESTRATION = ("pipeline.py", "pipeline_cli.py", "verify.py", "cli.py", "stages.py",
+                  "quantize_cli.py", "export_cli.py", "engine.py")
 
 
 def _rel(out: Path, p: Path | str | None) -> str | None:
@@ -182,7 +217,7 @@ class Pipeline:
             _, folder = read_checkpoint_config(o.quantized)  # load_checkpoint checks the model later
             json_path = Path(o.quantized) if Path(o.quantized).is_file() else folder / "quantized.json"
             return stage_key("checkpoint", file_fingerprint(json_path)), json_path
-        key = stage_key("quantize", PIPELINE_VERSION, o.model, o.scheme, _path_fingerprint(o.model_path),
+        key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION), o.model, o.scheme, _path_fingerprint(o.model_path),
                         o.calib_samples, o.calib_steps, o.finetune_steps, o.seed)
 
         def produce():
@@ -216,7 +251,8 @@ class Pipeline:
 
     # -- export --------------------------------------------------------------------------------
     def export(self, upstream: str, checkpoint: Path) -> tuple[str, Path]:
-        key = stage_key("export", PIPELINE_VERSION, upstream, self.opts.fp16)
+        key = stage_key("export", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
+                        upstream, self.opts.fp16)
         onnx_path = self.out / "onnx" / "unet.onnx"
 
         def produce():
@@ -250,7 +286,7 @@ class Pipeline:
         from graph_passes.targets import build_target
 
         targets = self.targets_to_make()
-        key = stage_key("passes", PIPELINE_VERSION, upstream, _lora_fingerprints(self.opts.loras), targets)
+        key = stage_key("passes", PIPELINE_VERSION, code_fingerprint("graph_passes"), upstream, _lora_fingerprints(self.opts.loras), targets)
         loras = None
 
         def produce():
@@ -316,7 +352,7 @@ class Pipeline:
             plugin_libs = [str(plugin_library_path())]
         name = f"unet_{target}" + (f"_sm{sm}" if sm else "") + ".engine"
         engine = self.out / "engine" / name
-        key = stage_key("build", PIPELINE_VERSION, upstream, module, target, sm, profile)
+        key = stage_key("build", PIPELINE_VERSION, upstream, module, target, sm, profile, _versions().get(module))
 
         def produce():
             self.say(f"[build] {target} target with {why}: "
@@ -430,6 +466,9 @@ def run(opts: RunOptions) -> dict:
     if opts.target is not None and opts.target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {opts.target!r}")
     t0 = time.perf_counter()
+    preset = _preset(opts.model)
+    _path_fingerprint(opts.model_path)  # a missing --model-path fails before anything is written
+    check_loras_fit(_read_loras(opts.loras, preset), preset)
     p = Pipeline(opts)
     if p.opts.model_path is None and not opts.quantized:
         p.say(f"warning: no --model-path: {opts.model} is built with seeded random weights; this "
@@ -476,6 +515,10 @@ def build_existing(out: str | Path, target: str | None = None, sm: int | None = 
     p = Pipeline(opts)
     files = {t: out / manifest["artifacts"][f"{t}_onnx"] for t in TARGETS
              if manifest["artifacts"].get(f"{t}_onnx")}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise UserError(f"{out}: the export is incomplete ({', '.join(missing)} missing); rerun "
+                        f"`export-engine {manifest['model']} --{opts.scheme} --out {out}`", EXIT_INPUT)
     upstream = stage_key("existing", {t: file_fingerprint(f) for t, f in files.items()})
     engine = p.build(upstream, files, explicit=True)
     ckpt = out / manifest["artifacts"]["checkpoint"]

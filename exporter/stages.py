@@ -74,7 +74,9 @@ class StageCache:
         rec = self.lookup(name, key)
         if rec is not None:
             return StageResult(name, key, rec["outputs"], 0.0, True)
-        self._record_path(name).unlink(missing_ok=True)  # invalid until the new outputs are done
+        # The old record stays: if ``produce`` fails before touching an output, the export is
+        # unchanged and still valid; any output it rewrote no longer matches the recorded
+        # size/mtime, so the old record stops being trusted by itself.
         start = time.perf_counter()
         rels = produce()
         outputs = {rel: self._stat(rel) for rel in rels}

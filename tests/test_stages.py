@@ -25,18 +25,28 @@ def test_rerun_skips_and_changed_key_or_output_redoes(tmp_path):
     assert len(calls) == 3
 
 
-def test_force_redoes_and_interrupted_stage_leaves_no_record(tmp_path):
+def test_force_redoes_and_a_failed_run_keeps_or_invalidates_correctly(tmp_path):
     calls = []
     key = stage_key("export")
     StageCache(tmp_path).run("export", key, _producer(tmp_path, calls))
     assert not StageCache(tmp_path, force=True).run("export", key, _producer(tmp_path, calls)).cached
 
-    def crash():
+    def fail_early():
+        raise ValueError("bad input")
+
+    def crash_midway():
+        (tmp_path / "a.txt").write_text("half of a new, different output")
         raise KeyboardInterrupt
 
     try:
-        StageCache(tmp_path).run("export", stage_key("export", 2), crash)
+        StageCache(tmp_path).run("export", stage_key("export", 2), fail_early)
+    except ValueError:
+        pass
+    # nothing was touched: the existing export is still valid
+    assert StageCache(tmp_path).lookup("export", key) is not None
+    try:
+        StageCache(tmp_path).run("export", stage_key("export", 2), crash_midway)
     except KeyboardInterrupt:
         pass
-    # the old record was invalidated before the new run started: nothing stale is trusted
+    # an output was rewritten: the old record no longer matches it and is not trusted
     assert StageCache(tmp_path).lookup("export", key) is None

@@ -1,0 +1,139 @@
+"""The main command end to end on sdxl-tiny, its cache, `verify`, `build`, and bad input."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from exporter import cli, pipeline
+from exporter.cli import EXIT_INPUT, EXIT_MISSING_TOOL, EXIT_OUTPUT, main
+
+FAST = ["--calib-samples", "1", "--calib-steps", "2", "--finetune-steps", "4"]
+
+
+def run_cli(*args, cwd=None):
+    """The installed console script, as a user runs it: (exit code, stdout, stderr)."""
+    exe = Path(sys.executable).with_name("export-engine")
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "sdxl-tiny-w4a4"
+    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--no-build", "--no-verify", "--out", str(out), *FAST)
+    assert code == 0, stderr[-3000:]
+    return out, stdout
+
+
+@pytest.mark.slow
+def test_main_command_writes_every_artifact_and_a_manifest(tiny_export):
+    out, stdout = tiny_export
+    m = json.loads((out / "manifest.json").read_text())
+    for key in ("checkpoint", "export_onnx", "reference_onnx", "plugin_onnx"):
+        assert (out / m["artifacts"][key]).is_file(), key
+    assert m["model"] == "sdxl-tiny" and m["quantization"]["layers"] > 0
+    names = [i["name"] for i in m["inputs"]]
+    assert names[:3] == ["sample", "timestep", "encoder_hidden_states"]
+    sample = m["inputs"][0]
+    assert sample["min_shape"][0] == 2 and sample["max_shape"][0] == 8  # 1..4 images, CFG doubled
+    assert m["talora_table"], "fine-tuning froze a timestep -> adapter table"
+    assert all(len(h) == 64 for h in m["hashes"].values())
+    assert "skipped (--no-build)" in stdout
+
+
+@pytest.mark.slow
+def test_rerun_comes_from_cache_and_verify_passes(tiny_export):
+    out, _ = tiny_export
+    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--no-build", "--no-verify", "--out", str(out), *FAST)
+    assert code == 0, stderr[-2000:]
+    assert stdout.count("up to date") == 3  # quantize, export, passes
+    code, stdout, stderr = run_cli("verify", str(out), "--steps", "2")
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    for f in ("verify.json", "verify.md", "verify.png"):
+        assert (out / "verify" / f).stat().st_size > 0
+    report = json.loads((out / "verify" / "verify.json").read_text())
+    assert report["passed"] and report["worst_rel_l2"] <= 1e-3
+    assert {r["target"] for r in report["steps"]} == {"reference", "plugin"}
+    assert report["layers"], "per-layer comparison ran"
+    assert json.loads((out / "manifest.json").read_text())["verify"]["passed"]
+
+
+def _errors(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_model_is_a_one_line_error(capsys, tmp_path):
+    code, err = _errors(capsys, "sdxl-huge", "--w4a4", "--out", str(tmp_path / "o"))
+    assert code == EXIT_INPUT and "unknown model 'sdxl-huge'" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_or_corrupt_model_path(capsys, tmp_path):
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--model-path", str(tmp_path / "nope"),
+                        "--out", str(tmp_path / "o"))
+    assert code == EXIT_INPUT and "does not exist" in err and len(err.splitlines()) == 1
+    bad = tmp_path / "unet.safetensors"
+    bad.write_bytes(b"garbage, not safetensors")
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--model-path", str(bad), "--no-build",
+                        "--out", str(tmp_path / "o2"), *FAST)
+    assert code == EXIT_INPUT and len(err.splitlines()) == 1 and str(bad) in err
+
+
+def test_corrupt_or_mismatched_lora_changes_nothing(capsys, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"existing": true}')
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x00" * 64)
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--lora", str(corrupt), "--out", str(out))
+    assert code == EXIT_INPUT and "not a readable" in err
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"unet.down_blocks.9.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 8),
+               "unet.down_blocks.9.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 2)}, wrong)
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--lora", f"{wrong}:0.5", "--out", str(out))
+    assert code == EXIT_INPUT and "down_blocks.9.attentions.0.proj_in.lora_A.weight" in err
+    assert len(err.splitlines()) == 1
+    assert sorted(os.listdir(out)) == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == '{"existing": true}'
+
+
+def test_unwritable_out_dir(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--out", str(blocker / "sub"))
+    assert code == EXIT_OUTPUT and "not writable" in err
+
+
+def test_verify_or_build_on_a_folder_that_is_not_an_export(capsys, tmp_path):
+    for cmd in ("verify", "build"):
+        code, err = _errors(capsys, cmd, str(tmp_path))
+        assert code == EXIT_INPUT and "not an export-engine export" in err
+
+
+def test_explicit_build_without_tensorrt_says_what_is_missing(capsys, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({
+        "model": "sdxl-tiny", "scheme": "w4a4",
+        "artifacts": {"checkpoint": "checkpoint/quantized.json", "export_onnx": "onnx/unet.onnx",
+                      "reference_onnx": "reference.onnx"}}))
+    (out / "reference.onnx").write_bytes(b"")
+    monkeypatch.setattr(pipeline, "has_module", lambda name: False)
+    code, err = _errors(capsys, "build", str(out))
+    assert code == EXIT_MISSING_TOOL and "no TensorRT" in err and f"export-engine build {out}" in err
+
+
+def test_help_is_there_for_a_new_user(capsys):
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--model-path", "--lora", "--quantized", "--target", "--sm", "--no-build", "--force"):
+        assert flag in text
+    assert cli.main(["list"]) == 0
