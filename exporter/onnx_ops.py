@@ -261,10 +261,21 @@ def quantize_fp_function(opset: int = DEFAULT_OPSET) -> onnx.FunctionProto:
     s_static = b.f32("scale")
     z_static = b.op("Mul", b.f32("zero_point"), b.op("Sub", b.const(1.0), signed))
     dynamic = b.op("Cast", b.ref("dynamic", "int"), to=TensorProto.BOOL)
-    axes = b.ref("axes", "ints")
-    s_dyn, z_dyn = _dynamic_params(b, xf, axes, f.signed, _fmax(b, f))
-    scale = b.op("Where", dynamic, s_dyn, s_static)
-    zero_point = b.op("Where", dynamic, z_dyn, z_static)
+    # If on a constant condition: static nodes carry no per-token reductions (TensorRT and ORT
+    # keep only the taken branch)
+    dyn = _Body("qdyn")
+    dyn.nodes, dyn._n = [], 0
+    s_dyn, z_dyn = _dynamic_params(dyn, xf, dyn.ref("axes", "ints"), f.signed, _fmax(dyn, f))
+    then_graph = helper.make_graph(dyn.nodes, "dynamic", [], [
+        helper.make_tensor_value_info(s_dyn, TensorProto.FLOAT, None),
+        helper.make_tensor_value_info(z_dyn, TensorProto.FLOAT, None)])
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", [s_static], ["qstat_s"]),
+         helper.make_node("Identity", [z_static], ["qstat_z"])], "static", [], [
+            helper.make_tensor_value_info("qstat_s", TensorProto.FLOAT, None),
+            helper.make_tensor_value_info("qstat_z", TensorProto.FLOAT, None)])
+    scale, zero_point = b.op("If", dynamic, outputs=2, then_branch=then_graph,
+                             else_branch=else_graph)
     # true division, not a reciprocal multiply: codes must match PyTorch's (x - z) / s
     u = b.op("Div", b.op("Sub", xf, zero_point), scale)
     u2, shape = _by_channel(b, u, rows)

@@ -272,3 +272,43 @@ def test_talora_without_a_table_is_a_clear_error(tmp_path):
     with pytest.raises(ExportError, match="timestep -> adapter table"):
         export_onnx(torch.nn.Sequential(layer), {"x": torch.randn(2, 8), "timestep": torch.zeros(())},
                     tmp_path / "m.onnx", call=lambda m, x, t: m(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+def _cli(*argv) -> int:
+    from exporter.cli import main
+
+    return main([str(a) for a in argv])
+
+
+@pytest.mark.slow
+def test_cli_exports_a_checkpoint_and_writes_a_manifest(tiny_ckpt_model, tmp_path, capsys):
+    import json
+
+    _, ckpt = tiny_ckpt_model
+    out = tmp_path / "onnx"
+    assert _cli("export", ckpt, "--out", out, "--text-len", 16, "--height", 128) == 0
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["inputs"][:2] == ["sample", "timestep"] and manifest["data"] is None
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "unet.onnx"]
+    onnx.checker.check_model(str(out / "unet.onnx"), full_check=True)
+
+
+def test_cli_rejects_a_checkpoint_of_another_model(tiny_ckpt_model, tmp_path, capsys):
+    _, ckpt = tiny_ckpt_model
+    assert _cli("export", ckpt, "--model", "sdxl", "--out", tmp_path / "o") == 3
+    err = capsys.readouterr().err
+    assert "error:" in err and "do not match" in err
+    assert not (tmp_path / "o" / "unet.onnx").exists()
+
+
+def test_cli_rejects_a_folder_that_is_not_a_checkpoint_and_an_unwritable_out(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _cli("export", tmp_path / "empty", "--out", tmp_path / "o") == 3
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert _cli("export", "sdxl-tiny", "--out", blocker / "o") == 4
+    assert "not writable" in capsys.readouterr().err
