@@ -58,7 +58,7 @@ class QuantizeConfig:
     lora_rank: int = 4
     adapters: int = 4
     finetune_lr: float = 1e-3
-    finetune_batch: int = 2
+    finetune_batch: int = 4
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
