@@ -11,6 +11,7 @@ Used by the tests and by ``export-engine verify`` (later).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -88,14 +89,23 @@ class ParityReport:
 
 
 def ort_session(onnx_path: str | Path, threads: int | None = None):
-    """An ONNX Runtime CPU session (all graph optimizations off: run the graph as written)."""
+    """An ONNX Runtime CPU session (all graph optimizations off: run the graph as written).
+
+    Sessions are cached per file (path, size, mtime): a big graph takes a while to load and the
+    harness runs it at several timesteps."""
+    st = Path(onnx_path).stat()
+    return _cached_session(str(Path(onnx_path).resolve()), st.st_size, st.st_mtime_ns, threads)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_session(path: str, size: int, mtime_ns: int, threads: int | None):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session_or_path, inputs: Mapping[str, torch.Tensor | np.ndarray],
