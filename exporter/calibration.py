@@ -168,9 +168,9 @@ def collect_calibration(model: nn.Module, preset: Preset, cfg: CalibConfig,
     dfa = denoising_factors(sched)
     S = cfg.samples
     h, w = preset._latent_hw(cfg.resolution, cfg.resolution)
-    latents = torch.stack([
-        torch.randn(preset.latent_channels, h, w, generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + i))
-        for i in range(S)]) * sched.init_noise_sigma
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + i) for i in range(S)]
+    latents = torch.stack([torch.randn(preset.latent_channels, h, w, generator=g) for g in gens])
+    latents = latents * sched.init_noise_sigma
     ehs, pooled, time_ids = text_conditioning(preset, S, cfg.embeddings, cfg.seed)
     if time_ids is None:
         px = cfg.resolution

@@ -59,7 +59,8 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: d
     header, offset = {"__metadata__": metadata}, 0
     for k, v in tensors.items():
         nbytes = v.numel() * torch.empty((), dtype=dtypes[k]).element_size()
-        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": list(v.shape), "data_offsets": [offset, offset + nbytes]}
+        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": list(v.shape),
+                     "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

@@ -129,8 +129,10 @@ class QuantizeReport:
         sq = [r["sqnr_db"] for r in self.layers if math.isfinite(r["sqnr_db"])]
         lines = [
             f"{self.preset} {self.scheme}: {n} layers quantized, {len(self.kept_fp)} kept in higher precision",
-            f"  AAL inputs {aal}, unsigned activation formats {unsigned}, smoothed {smooth}, mixed-precision {mixed}",
-            f"  per-layer output SQNR (calibration rows): median {_median(sq):.2f} dB, min {min(sq, default=0):.2f} dB",
+            f"  AAL inputs {aal}, unsigned activation formats {unsigned}, smoothed {smooth}, "
+            f"mixed-precision {mixed}",
+            f"  per-layer output SQNR (calibration rows): median {_median(sq):.2f} dB, "
+            f"min {min(sq, default=0):.2f} dB",
         ]
         for k, v in self.metrics.items():
             lines.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")

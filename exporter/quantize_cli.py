@@ -28,14 +28,17 @@ def register(subparsers) -> None:
                     ("w4a16", "4-bit FP weights, activations not quantized")):
         scheme.add_argument(f"--{s}", dest="scheme", action="store_const", const=s, help=what)
     p.add_argument("--model-path", metavar="P",
-                   help="diffusers folder (with unet/) or single-file .safetensors; default: seeded random weights")
+                   help="diffusers folder (with unet/) or single-file .safetensors; "
+                        "default: seeded random weights")
     p.add_argument("--out", metavar="DIR", help="output folder (default models/<MODEL>-<scheme>)")
     g = p.add_argument_group("calibration")
-    g.add_argument("--calib-samples", type=int, metavar="N", help="sampler trajectories (default: preset, per device)")
+    g.add_argument("--calib-samples", type=int, metavar="N",
+                   help="sampler trajectories (default: preset, per device)")
     g.add_argument("--calib-steps", type=int, metavar="N", help="sampler steps per trajectory")
     g.add_argument("--calib-resolution", type=int, metavar="PX", help="image size in pixels (latent = PX/8)")
     g.add_argument("--calib-embeddings", metavar="FILE",
-                   help=".safetensors with encoder_hidden_states [N,L,D] and text_embeds [N,P] (default: seeded random)")
+                   help=".safetensors with encoder_hidden_states [N,L,D] and text_embeds [N,P] "
+                        "(default: seeded random)")
     g.add_argument("--scheduler", choices=("euler", "ddim"), default="euler", help="sampler for the trajectories")
     g = p.add_argument_group("search")
     g.add_argument("--include", metavar="REGEX", help="quantize only layers whose name matches")
@@ -45,8 +48,10 @@ def register(subparsers) -> None:
     g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
                    help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
     g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",
-                   help="pruned: proxy then refine the best few (default); exhaustive: every candidate by output MSE")
-    g.add_argument("--no-mixup", dest="mixup", action="store_false", help="signed formats only (no unsigned FP for AALs)")
+                   help="pruned: proxy then refine the best few (default); "
+                        "exhaustive: every candidate by output MSE")
+    g.add_argument("--no-mixup", dest="mixup", action="store_false",
+                   help="signed formats only (no unsigned FP for AALs)")
     g.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false",
                    help="no MPQ-DM smoothing and per-channel N-1/N/N+1 bits")
     g = p.add_argument_group("fine-tuning (TALoRA + DFA)")
@@ -104,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_json(out / "quantize_report.json", report.to_dict())
     if not args.quiet:
         print(report.summary())
-        print(f"checkpoint: {path} (+ {path.with_suffix('.safetensors').name}), report: {out / 'quantize_report.json'}")
+        print(f"checkpoint: {path} (+ {path.with_suffix('.safetensors').name}), "
+              f"report: {out / 'quantize_report.json'}")
     else:
         print(path)
     return EXIT_OK

@@ -53,9 +53,10 @@ def test_precomputed_embeddings_file_is_used(tmp_path):
     r = collect_calibration(tiny_fp(), TINY, cfg).records[0]
     assert torch.equal(r.inputs["encoder_hidden_states"], ehs[[0, 1, 0]])
     assert torch.equal(r.inputs["text_embeds"], pooled[[0, 1, 0]])
-    save_file({"encoder_hidden_states": torch.randn(2, 10, 2048), "text_embeds": pooled}, tmp_path / "bad.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    save_file({"encoder_hidden_states": torch.randn(2, 10, 2048), "text_embeds": pooled}, bad)
     with pytest.raises(UserError, match="do not fit sdxl-tiny"):
-        collect_calibration(tiny_fp(), TINY, CalibConfig(samples=1, steps=1, embeddings=str(tmp_path / "bad.safetensors")))
+        collect_calibration(tiny_fp(), TINY, CalibConfig(samples=1, steps=1, embeddings=str(bad)))
 
 
 def test_bad_calibration_sizes_are_user_errors():

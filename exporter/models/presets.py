@@ -168,8 +168,8 @@ class Preset:
             if spec.name == "timestep":
                 out[spec.name] = torch.tensor(float(timestep))
             elif spec.name == "time_ids":
-                px_h, px_w = (self._latent_hw(height, width)[0] * 8, self._latent_hw(height, width)[1] * 8)
-                out[spec.name] = torch.tensor([[px_h, px_w, 0, 0, px_h, px_w]], dtype=torch.float32).repeat(batch, 1)
+                h, w = (8 * n for n in self._latent_hw(height, width))
+                out[spec.name] = torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(batch, 1)
             else:
                 out[spec.name] = torch.randn(spec.shape, generator=g)
         return {k: v.to(device) for k, v in out.items()}
