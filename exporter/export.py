@@ -16,7 +16,6 @@ with ``k = Gather(adapter_table, timestep)`` for TALoRA.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import shutil
 import tempfile
@@ -26,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
 
-import numpy as np
 import onnx
 import torch
 from torch import nn
@@ -36,8 +34,6 @@ from .formats import Format, get_format, with_bits
 from .layers import QuantConv2d, QuantLinear, quant_layers
 from .lora import TALoRA
 from .quantizers import ActQuantizer, WeightQuantizer
-
-log = logging.getLogger(__name__)
 
 #: a protobuf holds at most 2 GiB; above this the weights go to one external data file
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
@@ -261,7 +257,7 @@ def check_exportable(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @contextlib.contextmanager
-def export_mode(model: nn.Module, adapter_index: torch.Tensor | None = None) -> Iterator[None]:
+def export_mode(model: nn.Module) -> Iterator[None]:
     """Within the block, the model's quantizers call the export_engine custom ops and TALoRA
     layers select their adapter by ``selection.export_index`` (set per forward by the wrapper)."""
     patched: list[tuple[object, str]] = []
@@ -435,18 +431,23 @@ UNET_DIM_NAMES = {"sample": ["batch", None, "height", "width"],
 # fp16
 # ---------------------------------------------------------------------------------------------
 def to_fp16(model: nn.Module) -> nn.Module:
-    """Convert ``model`` to float16 in place, keeping quantizer scales and zero points float32
-    (so fp16 export and the fp16 PyTorch reference quantize with the calibrated values)."""
+    """Convert ``model`` to float16 in place, keeping quantizer scales, zero points and MPQ-DM
+    smoothing factors float32 (so the fp16 export and the fp16 PyTorch reference quantize with
+    the calibrated values; the quantizers compute in float32 anyway)."""
     keep = {}
-    for name, layer in quant_layers(model):
+    for _, layer in quant_layers(model):
         for q in (layer.a_quant, layer.w_quant):
             for pname, p in q.named_parameters(recurse=False):
                 keep[(id(q), pname)] = p.detach().clone()
+        if getattr(layer, "smooth", None) is not None:
+            keep[(id(layer), "smooth")] = layer.smooth.clone()
     model.half()
     for _, layer in quant_layers(model):
         for q in (layer.a_quant, layer.w_quant):
             for pname, p in q.named_parameters(recurse=False):
                 p.data = keep[(id(q), pname)]
+        if (id(layer), "smooth") in keep:
+            layer.smooth = keep[(id(layer), "smooth")]
     return model
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from exporter.formats import get_format
-from exporter.layers import QuantConv2d, QuantLinear, quant_layers, set_quant_enabled, swap_quant_layers
+from exporter.layers import quant_layers, set_quant_enabled, swap_quant_layers
 from exporter.lora import LoRA, TALoRA, AdapterSelection
 
 NUM_ADAPTERS = 3
