@@ -133,10 +133,8 @@ def _sqnr(signal: float, noise: float) -> float:
 class _Problem:
     """One layer's search data, with the subsamples fixed once so options compare fairly."""
 
-    def __init__(self, x: torch.Tensor, w: torch.Tensor, taps: int, ch_min, ch_max, space: SearchSpace,
-                 gen: torch.Generator):
-        self.x, self.w, self.taps, self.space = x, w, taps, space
-        self.ch_min, self.ch_max = ch_min.float(), ch_max.float()
+    def __init__(self, x: torch.Tensor, w: torch.Tensor, space: SearchSpace, gen: torch.Generator):
+        self.space = space
         n_out, k = w.shape
         full = space.exhaustive
         self.cols = None if full or k <= space.max_cols else torch.randperm(k, generator=gen)[:space.max_cols]
@@ -290,7 +288,7 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
     """
     x, w = x.float(), w.float()
     gen = torch.Generator().manual_seed(seed)
-    p = _Problem(x, w, taps, ch_min, ch_max, space, gen)
+    p = _Problem(x, w, space, gen)
     aal = is_aal(float(ch_min.min()), float(ch_max.max()))
     mode = space.a_mode if (space.a_mode != "dynamic" or taps == 1) else "static"
     a_formats = tuple(space.a_signed) + (tuple(space.a_unsigned) if aal else ())
@@ -316,9 +314,9 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
         else:
             act, a_info = _search_activations(p, xs, wq_r, a_formats, lo, hi, mode)
         results.append((act[0], smooth, xs, ws, w_name, w_scale, act, {"weights": w_info, "acts": a_info}))
-    err_r, smooth, xs, ws, w_name, w_scale, act, info = min(results, key=lambda r: r[0])
+    _, smooth, xs, ws, w_name, w_scale, act, info = min(results, key=lambda r: r[0])
     info["smoothing_errors"] = [r[0] for r in results]
-    _, a_name, a_clip, a_scale, a_zero = act
+    _, a_name, info["a_clip"], a_scale, a_zero = act
 
     # per-channel output errors at the chosen width (and its neighbours for mixed precision)
     if a_name is None:
@@ -326,11 +324,7 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
     else:
         xq = _act_quant(xs, get_format(a_name), mode, a_scale, a_zero)
     w_fmt = get_format(w_name)
-
-    def channel_err(fmt, scale):
-        return channel_errors(xq, ws, fmt, scale, p.y)
-
-    err_mid = channel_err(w_fmt, w_scale)
+    err_mid = channel_errors(xq, ws, w_fmt, w_scale, p.y)
     bits = torch.full((w.shape[0],), w_fmt.bits, dtype=torch.int8)
     scale, k, total = w_scale, 0, float(err_mid.sum())
     if space.mixed_precision and w.shape[0] >= 2 * space.mp_step and w_fmt.bits >= 3:
@@ -341,10 +335,9 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
         top, bottom = order[:len(order) // 2], order[len(order) // 2:]
         lo_scale, hi_scale = w_scale.clone(), w_scale.clone()
         err_lo, err_hi = err_mid.clone(), err_mid.clone()
-        for rows, fmt, scale, err in ((bottom, lo_fmt, lo_scale, err_lo), (top, hi_fmt, hi_scale, err_hi)):
-            sub = p.rows_view(rows)
-            scale[rows] = _weight_scales(sub, xs, ws[rows], fmt)[0]
-            err[rows] = channel_errors(xq, ws[rows], fmt, scale[rows], p.y[:, rows])
+        for rows, fmt, sc, er in ((bottom, lo_fmt, lo_scale, err_lo), (top, hi_fmt, hi_scale, err_hi)):
+            sc[rows] = _weight_scales(p.rows_view(rows), xs, ws[rows], fmt)[0]
+            er[rows] = channel_errors(xq, ws[rows], fmt, sc[rows], p.y[:, rows])
         bits, k, total = allocate_bits(err_lo, err_mid, err_hi, kurt, w_fmt.bits, space.mp_step)
         scale = torch.where(bits > w_fmt.bits, hi_scale, torch.where(bits < w_fmt.bits, lo_scale, w_scale))
         info["mp_errors"] = {"uniform": float(err_mid.sum()), "mixed": total}
