@@ -18,7 +18,7 @@ from .cli import EXIT_OK, UserError
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "quantize", help="MSFP-quantize a UNet (calibrate, search formats, fine-tune) into a checkpoint",
+        "quantize", prog="export-engine quantize", help="MSFP-quantize a UNet (calibrate, search formats, fine-tune) into a checkpoint",
         description="Quantize a diffusion UNet with MSFP mixup-sign FP4 formats, MPQ-DM mixed precision "
                     "and optional TALoRA + DFA fine-tuning; writes a quantized checkpoint.")
     p.add_argument("model", metavar="MODEL", help="model preset (see `export-engine list`): sdxl, sdxl-tiny")
