@@ -212,7 +212,7 @@ def _read_config(filename: str) -> str:
 PRESETS: dict[str, Preset] = {
     "sdxl": Preset(
         "sdxl", "Stable Diffusion XL base 1.0 UNet (2.57 B parameters)", "sdxl.json",
-        cpu=CalibDefaults(samples=2, steps=4, resolution=256, finetune_steps=0, max_tokens=128),
+        cpu=CalibDefaults(samples=1, steps=4, resolution=256, finetune_steps=0, max_tokens=128),
         cuda=CalibDefaults(samples=8, steps=10, resolution=1024, finetune_steps=200, max_tokens=512),
     ),
     "sdxl-tiny": Preset(
