@@ -31,6 +31,8 @@ MANIFEST = "manifest.json"
 TARGETS = ("reference", "plugin", "native")
 #: models above this size are not verified by the main command (run `export-engine verify`)
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
+#: models above this size are exported in fp16 unless --fp32: a 2.6 B-parameter UNet is 10 GB in fp32
+FP16_AUTO_MIN_PARAMS = 1_000_000_000
 
 
 @dataclass
@@ -47,7 +49,7 @@ class RunOptions:
     force: bool = False
     quiet: bool = False
     verify: bool | None = None
-    fp16: bool = False
+    fp16: bool | None = None  # None: fp16 for models over FP16_AUTO_MIN_PARAMS (memory), else fp32
     # quantization (None: the preset's defaults)
     calib_samples: int | None = None
     calib_steps: int | None = None
@@ -207,6 +209,8 @@ class Pipeline:
         self.cache = StageCache(self.out, force=opts.force)
         self.model = None  # the quantized torch model when this process made or loaded it
         self.timings: dict[str, float] = {}
+        if opts.fp16 is None:
+            opts.fp16 = _param_count(self) >= FP16_AUTO_MIN_PARAMS
 
     # -- quantize ------------------------------------------------------------------------------
     def quantize(self) -> tuple[str, Path]:
@@ -217,8 +221,9 @@ class Pipeline:
             _, folder = read_checkpoint_config(o.quantized)  # load_checkpoint checks the model later
             json_path = Path(o.quantized) if Path(o.quantized).is_file() else folder / "quantized.json"
             return stage_key("checkpoint", file_fingerprint(json_path)), json_path
-        key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION), o.model, o.scheme, _path_fingerprint(o.model_path),
-                        o.calib_samples, o.calib_steps, o.finetune_steps, o.seed)
+        key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
+                        o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
+                        o.calib_steps, o.finetune_steps, o.seed)
 
         def produce():
             import warnings
@@ -228,8 +233,8 @@ class Pipeline:
 
             cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples,
                                  calib_steps=o.calib_steps, finetune_steps=o.finetune_steps, seed=o.seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("default")
+            with warnings.catch_warnings():  # the random-weights warning is printed once, by run()
+                warnings.simplefilter("ignore")
                 model, report = quantize_model(self.preset, cfg, model_path=o.model_path, progress=self.say)
             self.say(report.summary())
             save_checkpoint(model, self.out / "checkpoint", report)
@@ -286,11 +291,10 @@ class Pipeline:
         from graph_passes.targets import build_target
 
         targets = self.targets_to_make()
-        key = stage_key("passes", PIPELINE_VERSION, code_fingerprint("graph_passes"), upstream, _lora_fingerprints(self.opts.loras), targets)
-        loras = None
+        key = stage_key("passes", PIPELINE_VERSION, code_fingerprint("graph_passes"), upstream,
+                        _lora_fingerprints(self.opts.loras), targets)
 
         def produce():
-            nonlocal loras
             loras = _read_loras(self.opts.loras, self.preset)
             written = []
             for target in targets:

@@ -61,7 +61,10 @@ def register(sub) -> None:
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("export and engine profiles")
-    g.add_argument("--fp16", action="store_true", help="export float16 (default float32)")
+    prec = g.add_mutually_exclusive_group()
+    prec.add_argument("--fp16", dest="fp16", action="store_true", default=None,
+                      help="export float16 (default for models over 1 B parameters, e.g. sdxl)")
+    prec.add_argument("--fp32", dest="fp16", action="store_false", help="export float32 (default below 1 B)")
     g.add_argument("--batch", type=_triple, default=(1, 1, 4), metavar="MIN:OPT:MAX",
                    help="images per batch (default 1:1:4); the UNet batch is doubled for "
                         "classifier-free guidance unless --no-cfg")

@@ -86,11 +86,17 @@ def verify_export(out: str | Path, steps: int = 3, quiet: bool = False, model=No
     if model is None or next(model.parameters()).dtype != torch.float32:
         model = load_checkpoint(ckpt, preset=preset)
     model.eval()
+    half = manifest["inputs"][0]["dtype"] == "float16"
+    if half:  # an fp16 export is compared with the fp16 model (scales stay fp32, as exported)
+        from .export import to_fp16
+
+        to_fp16(model)
+    dtype = torch.float16 if half else torch.float32
     factor = 2 ** (len(model.config.block_out_channels) - 1)
     lat = 2 * factor
-    base = unet_example_inputs(model, batch=2, height=lat, width=lat, text_len=16, seed=1)
+    base = unet_example_inputs(model, batch=2, height=lat, width=lat, text_len=16, seed=1, dtype=dtype)
     sched = _scheduler(preset, steps)
-    latent = base["sample"] * sched.init_noise_sigma
+    latent = base["sample"].float() * sched.init_noise_sigma
     targets = {t: out / arts[f"{t}_onnx"] for t in ("reference", "plugin") if arts.get(f"{t}_onnx")}
     if not targets:
         raise UserError(f"{out}: the manifest lists no reference/plugin ONNX to verify", EXIT_INPUT)
@@ -107,7 +113,7 @@ def verify_export(out: str | Path, steps: int = 3, quiet: bool = False, model=No
     table = find_adapter_table(model)
     for step, t in enumerate(sched.timesteps):
         x_in = sched.scale_model_input(latent, t)
-        feeds = dict(base, sample=x_in.float(), timestep=torch.tensor(float(t)))
+        feeds = dict(base, sample=x_in.to(dtype), timestep=torch.tensor(float(t)))
         _set_torch_adapter(model, table, feeds["timestep"])
         with torch.no_grad(), _talora_hooks_detached(model):
             ref = model(feeds["sample"], feeds["timestep"], feeds["encoder_hidden_states"],
@@ -115,14 +121,14 @@ def verify_export(out: str | Path, steps: int = 3, quiet: bool = False, model=No
                         or None).sample
         for name, sess in sessions.items():
             got = run_onnx(sess, feeds)
-            d = diff(next(iter(got.values())), ref.numpy())
+            d = diff(next(iter(got.values())).astype(np.float32), ref.float().numpy())
             rows.append({"step": step, "timestep": float(t), "target": name, "max_abs": d.max_abs,
                          "rel_l2": d.rel_l2})
         if engine_run:
-            d = diff(engine_run({k: v.numpy() for k, v in feeds.items()}), ref.numpy())
+            d = diff(engine_run({k: v.numpy() for k, v in feeds.items()}), ref.float().numpy())
             rows.append({"step": step, "timestep": float(t), "target": "engine", "max_abs": d.max_abs,
                          "rel_l2": d.rel_l2})
-        latent = sched.step(ref, t, latent).prev_sample
+        latent = sched.step(ref.float(), t, latent.float()).prev_sample
     layer_rows = []
     if layers:
         say("[verify] layer by layer (debug export of the same checkpoint)")

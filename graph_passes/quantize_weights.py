@@ -1,9 +1,9 @@
 """quantize_weights: fold each weight QuantizeFP into a code initializer; DequantizeFP stays.
 
 Codes are stored as INT8 initializers holding each code's byte (view as uint8 for the code) behind
-a standard ``DequantizeLinear(codes, 1.0)`` that turns them into exact float integers: TensorRT
-accepts an INT8 constant only in front of a DequantizeLinear (or a plugin), and no UINT8 tensors.
-DequantizeFP reads a negative value c as the byte c + 256.
+a standard ``DequantizeLinear(codes, 1.0)`` and a Cast back to INT8 (exact: the values are
+integers): TensorRT accepts an INT8 constant only in front of a DequantizeLinear (or a plugin), and
+no UINT8 tensors. DequantizeFP reads a negative value c as the byte c + 256.
 
 Codes are computed with :mod:`exporter.formats` (the definition the QuantizeFP body reproduces):
 ``u = (W - z) / s`` in float32 (z for unsigned formats only), each output channel encoded with
@@ -13,6 +13,7 @@ and selected by the same ``Gather(stack, adapter_index)``.
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from exporter.formats import Format, with_bits
@@ -49,25 +50,29 @@ def _weight_source(t: gs.Tensor):
 
 def code_tensor(graph: gs.Graph, name: str, codes: np.ndarray, index: gs.Tensor | None = None
                 ) -> gs.Variable:
-    """Codes (uint8, with a leading adapter axis when ``index`` is given) as DequantizeFP's input:
-    INT8 initializer -> DequantizeLinear(1.0) -> float codes [-> Gather(., index)]."""
+    """Codes (uint8, with a leading adapter axis when ``index`` is given) as DequantizeFP's INT8
+    input: INT8 initializer -> DequantizeLinear(1.0) [-> Gather(., index)] -> Cast(INT8)."""
     const = gs.Constant(name, np.ascontiguousarray(codes).view(np.int8))
-    as_float = gs.Variable(name + "_f", dtype=np.float32, shape=list(codes.shape))
+    t = gs.Variable(name + "_f", dtype=np.float32, shape=list(codes.shape))
     graph.nodes.append(gs.Node("DequantizeLinear", name + "/as_float", {},
-                               [const, gs.Constant(name + ".unit_scale", np.array(1.0, np.float32))],
-                               [as_float]))
-    if index is None:
-        return as_float
-    selected = gs.Variable(name + "_selected", dtype=np.float32, shape=list(codes.shape[1:]))
-    graph.nodes.append(gs.Node("Gather", name + "/select_adapter", {"axis": 0}, [as_float, index],
-                               [selected]))
-    return selected
+                               [const, gs.Constant(name + ".unit_scale", np.array(1.0, np.float32))], [t]))
+    shape = list(codes.shape)
+    if index is not None:
+        shape = shape[1:]
+        selected = gs.Variable(name + "_selected", dtype=np.float32, shape=shape)
+        graph.nodes.append(gs.Node("Gather", name + "/select_adapter", {"axis": 0}, [t, index], [selected]))
+        t = selected
+    as_int8 = gs.Variable(name + "_i8", dtype=np.int8, shape=shape)
+    graph.nodes.append(gs.Node("Cast", name + "/as_int8", {"to": onnx.TensorProto.INT8}, [t], [as_int8]))
+    return as_int8
 
 
 def read_codes(t: gs.Tensor) -> tuple[np.ndarray | None, gs.Tensor | None, gs.Constant | None]:
     """(uint8 codes with a leading adapter axis, adapter index or None, the INT8 initializer)
     of a tensor made by :func:`code_tensor`; Nones for anything else."""
     node, index = producer(t), None
+    if node is not None and node.op == "Cast":
+        node = producer(node.inputs[0])
     if node is not None and node.op == "Gather":
         index, node = node.inputs[1], producer(node.inputs[0])
     if node is None or node.op != "DequantizeLinear" or not isinstance(node.inputs[0], gs.Constant):

@@ -24,15 +24,23 @@ def run_cli(*args, cwd=None):
 
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
+    """The main command from a quantized checkpoint (the quantize stage's own tests cover it; its
+    cached tiny run is reused here to keep the suite fast)."""
+    from exporter.checkpoint import save_checkpoint
+    from quant_helpers import tiny_quantized
+
+    model, report = tiny_quantized(finetune_steps=4)
+    ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ckpt"), report)
     out = tmp_path_factory.mktemp("export") / "sdxl-tiny-w4a4"
-    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--no-build", "--no-verify", "--out", str(out), *FAST)
+    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--quantized", str(ckpt), "--no-build",
+                                   "--no-verify", "--out", str(out))
     assert code == 0, stderr[-3000:]
-    return out, stdout
+    return out, stdout, ckpt
 
 
 @pytest.mark.slow
 def test_main_command_writes_every_artifact_and_a_manifest(tiny_export):
-    out, stdout = tiny_export
+    out, stdout, _ = tiny_export
     m = json.loads((out / "manifest.json").read_text())
     for key in ("checkpoint", "export_onnx", "reference_onnx", "plugin_onnx"):
         assert (out / m["artifacts"][key]).is_file(), key
@@ -48,10 +56,11 @@ def test_main_command_writes_every_artifact_and_a_manifest(tiny_export):
 
 @pytest.mark.slow
 def test_rerun_comes_from_cache_and_verify_passes(tiny_export):
-    out, _ = tiny_export
-    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--no-build", "--no-verify", "--out", str(out), *FAST)
+    out, _, ckpt = tiny_export
+    code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--quantized", str(ckpt), "--no-build",
+                                   "--no-verify", "--out", str(out))
     assert code == 0, stderr[-2000:]
-    assert stdout.count("up to date") == 3  # quantize, export, passes
+    assert stdout.count("up to date") == 2  # export, passes (the checkpoint is given)
     code, stdout, stderr = run_cli("verify", str(out), "--steps", "2")
     assert code == 0, stdout[-2000:] + stderr[-2000:]
     for f in ("verify.json", "verify.md", "verify.png"):
