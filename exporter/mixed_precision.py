@@ -36,10 +36,9 @@ def smoothing_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: flo
 
 def kurtosis(w: torch.Tensor) -> torch.Tensor:
     """Kurtosis E[(w - mu)^4] / E[(w - mu)^2]^2 of each row of ``w`` [N, K] -> [N] (3 for a Gaussian)."""
-    w = w.float()
-    d = w - w.mean(1, keepdim=True)
-    var = d.pow(2).mean(1)
-    return d.pow(4).mean(1) / var.clamp_min(1e-30).pow(2)
+    d2 = (w.float() - w.float().mean(1, keepdim=True)).square_()
+    var = d2.mean(1)
+    return d2.square_().mean(1) / var.clamp_min(1e-30).square()
 
 
 def allocate_bits(err_low: torch.Tensor, err_mid: torch.Tensor, err_high: torch.Tensor,

@@ -31,6 +31,7 @@ measured against the full-precision layer output X W^T.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -52,26 +53,20 @@ def grid_round(u: torch.Tensor, fmt: Format) -> torch.Tensor:
 
     The same values as ``fmt.quantize_torch(u, ste=False)`` for every finite
     input (tests check it on every format the search uses, ties included),
-    about 3x faster: rounding a float32 to m mantissa bits is an integer add
-    and mask on its bit pattern, and subnormals round by adding a power of two.
+    several times faster: with e = max(floor(log2 |u|), emin), adding and
+    subtracting the float32 ``2**(e + 23 - m)`` rounds |u| to a multiple of
+    the format's step 2**(e - m) with the FPU's round-half-even; e comes from
+    the exponent bits, so normals and subnormals take the same path.
     """
     if fmt.kind != "float":
         return fmt.quantize_torch(u.float(), ste=False)
     u = u.float()
-    a = u.abs().clamp_(max=2.0 * fmt.max)  # everything >= 2 max saturates; keeps the bit trick finite
-    i = a.view(torch.int32)
-    sh = 23 - fmt.mbits
-    if fmt.mbits == 0:  # RNE of 1.5 * 2**e rounds up to 2**(e+1): the scaled mantissa 1.5 -> 2
-        i = (i + (1 << (sh - 1))) & ~((1 << sh) - 1)
-    else:
-        i = (i + ((1 << (sh - 1)) - 1) + ((i >> sh) & 1)) & ~((1 << sh) - 1)
-    normal = i.view(torch.float32)
-    magic = 2.0 ** (fmt.emin - fmt.mbits + 23)  # float32 addition rounds to the subnormal step
-    sub = (a + magic) - magic
-    r = torch.where(a < 2.0 ** fmt.emin, sub, normal).clamp_(max=fmt.max)
-    if fmt.signed:
-        return r.copysign_(u)
-    return torch.where(u > 0, r, torch.zeros_like(r))
+    a = u.abs() if fmt.signed else u.clamp(min=0.0)  # unsigned: negatives -> 0
+    a.clamp_(max=2.0 * fmt.max)  # everything >= 2 max saturates; keeps the magic number finite
+    e = (a.view(torch.int32) >> 23).clamp_(min=fmt.emin + 127)  # biased exponent, at least emin
+    magic = ((e + (23 - fmt.mbits)) << 23).view(torch.float32)
+    r = (a + magic).sub_(magic).clamp_(max=fmt.max)
+    return r.copysign_(u) if fmt.signed else r
 
 
 def fake_quant(x: torch.Tensor, fmt: Format, scale, zero=None) -> torch.Tensor:
@@ -229,8 +224,9 @@ def _act_quant(x: torch.Tensor, fmt: Format, mode: str, scale, zero):
     return fake_quant(x, fmt, torch.tensor(scale), None if zero is None else torch.tensor(zero))
 
 
-def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode) -> tuple[tuple, dict]:
-    """Best (format, clip, scale, zero, error) for the activation quantizer."""
+def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode, refine: bool = True) -> tuple[tuple, dict]:
+    """Best (format, clip, scale, zero, error) for the activation quantizer (``refine=False``:
+    the proxy's favourite alone, scored by output error)."""
     clips = (1.0,) if mode == "dynamic" else p.space.a_clips
 
     def out_err(name, ci):
@@ -264,11 +260,27 @@ def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode) -> tuple[t
     ranked = sorted(formats, key=lambda n: best_clip[n][0])[:max(1, p.space.refine_a)]
     # the best clip of each of the top formats, plus the neighbouring clips of the very best one
     ci = best_clip[ranked[0]][1]
-    pairs = {(n, best_clip[n][1]) for n in ranked} | {(ranked[0], max(ci - 1, 0)),
-                                                      (ranked[0], min(ci + 1, len(clips) - 1))}
+    pairs = {(n, best_clip[n][1]) for n in ranked}
+    if refine:
+        pairs |= {(ranked[0], max(ci - 1, 0)), (ranked[0], min(ci + 1, len(clips) - 1))}
     cands = [out_err(n, cj) for n, cj in sorted(pairs)]
     return min(cands, key=lambda c: c[0]), {"proxy": {n: best_clip[n][0] for n in formats},
                                             "candidates": len(cands)}
+
+
+def _quick_error(p: _Problem, xs, ws, lo: float, hi: float, formats, mode) -> float:
+    """Output error of a cheap configuration (first weight format at absmax scales, the
+    activation proxy's favourite) on the sampled rows: enough to choose whether to smooth."""
+    fmt = get_format(p.space.w_formats[0])
+    w_r = p.pick_rows(ws)
+    amax = w_r.abs().amax(1)
+    wq_r = fake_quant(w_r, fmt, torch.where(amax > 0, amax / fmt.max, torch.ones_like(amax))[:, None])
+    if mode is None:
+        return float((xs @ wq_r.T - p.y_r).pow(2).sum())
+    quick = dataclasses.replace(p.space, refine_a=1)
+    view = object.__new__(_Problem)
+    view.__dict__.update(p.__dict__, space=quick)
+    return _search_activations(view, xs, wq_r, formats, lo, hi, mode, refine=False)[0][0]
 
 
 def _expand(v: torch.Tensor, taps: int) -> torch.Tensor:
@@ -293,19 +305,23 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
     mode = space.a_mode if (space.a_mode != "dynamic" or taps == 1) else "static"
     a_formats = tuple(space.a_signed) + (tuple(space.a_unsigned) if aal else ())
 
+    def smoothed(smooth):  # (x, w, input min, input max) with the option applied
+        if smooth is None:
+            return x, w, float(ch_min.min()), float(ch_max.max())
+        col = _expand(smooth, taps)
+        return x / col, w * col, float((ch_min / smooth).min()), float((ch_max / smooth).max())
+
     options = [None]
     if space.smoothing and space.mixed_precision:
         x_absmax = torch.maximum(ch_min.abs(), ch_max.abs())
         w_absmax = w.abs().amax(0).view(-1, taps).amax(1)
         options.append(smoothing_factors(x_absmax, w_absmax))
+        if not space.exhaustive:  # pruned: pick the option by a quick estimate, search it alone
+            quick = [_quick_error(p, *smoothed(o), a_formats, mode) for o in options]
+            options = [options[min(range(len(options)), key=quick.__getitem__)]]
     results = []
     for smooth in options:
-        if smooth is None:
-            xs, ws, lo, hi = x, w, float(ch_min.min()), float(ch_max.max())
-        else:
-            col = _expand(smooth, taps)
-            xs, ws = x / col, w * col
-            lo, hi = float((ch_min / smooth).min()), float((ch_max / smooth).max())
+        xs, ws, lo, hi = smoothed(smooth)
         w_name, w_scale, w_info = _search_weights(p, xs, ws)
         wq_r = fake_quant(p.pick_rows(ws), get_format(w_name), p.pick_rows(w_scale)[:, None])
         if mode is None:

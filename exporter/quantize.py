@@ -200,19 +200,39 @@ def select_layers(model: nn.Module, include: str | None, exclude: str | None) ->
 
 def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], space: SearchSpace,
                   seed: int = 0, progress: Callable[[str], None] | None = None,
-                  keep_captures: bool = False) -> dict[str, LayerChoice]:
-    """Run the MSFP search on each captured layer of the FP ``model``."""
-    choices = {}
-    for i, name in enumerate(names):
+                  keep_captures: bool = False, workers: int = 1) -> dict[str, LayerChoice]:
+    """Run the MSFP search on each captured layer of the FP ``model`` (layer i seeded ``seed + i``).
+
+    Each layer's search runs torch single-threaded, so its result does not
+    depend on thread settings; ``workers`` layers run at once on Python
+    threads (torch releases the GIL in its kernels). Unlike OpenMP threads
+    inside one op, independent layers never wait for each other, which also
+    uses a busy machine's cores well.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    def one(i: int, name: str) -> LayerChoice:
         cap = calib.layers[name] if keep_captures else calib.layers.pop(name)
         layer = model.get_submodule(name)
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float().cpu()
         bias = None if layer.bias is None else layer.bias.detach().float().cpu()
-        choices[name] = search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space, seed=seed + i)
-        if progress and ((i + 1) % max(1, len(names) // 20) == 0 or i + 1 == len(names)):
-            progress(f"search: layer {i + 1}/{len(names)}")
-        del cap
-    return choices
+        return search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space, seed=seed + i)
+
+    choices: dict[str, LayerChoice] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # largest layers first, so the last ones to finish are small
+        order = sorted(range(len(names)), key=lambda i: -model.get_submodule(names[i]).weight.numel())
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(one, i, names[i]): names[i] for i in order}
+            for done, fut in enumerate(as_completed(futures), 1):
+                choices[futures[fut]] = fut.result()
+                if progress and (done % max(1, len(names) // 20) == 0 or done == len(names)):
+                    progress(f"search: layer {done}/{len(names)}")
+    finally:
+        torch.set_num_threads(threads)
+    return {n: choices[n] for n in names}
 
 
 def apply_choices(model: nn.Module, choices: dict[str, LayerChoice]) -> nn.Module:
@@ -299,7 +319,8 @@ def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *
 
     t = time.perf_counter()
     space = cfg.search_space()
-    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say)
+    workers = {None: torch.get_num_threads(), "auto": os.cpu_count() or 1}.get(cfg.threads, cfg.threads)
+    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=workers)
     rows = layer_rows(model, choices)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
