@@ -17,7 +17,6 @@ then rename; the JSON, written last, records the tensor file's sha256).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -28,6 +27,7 @@ from .cli import EXIT_OUTPUT, UserError
 from .formats import with_bits
 from .layers import QUANT_LAYERS, QuantConv2d, QuantLinear, quant_layers, swap_quant_layers
 from .lora import LoRA, TALoRA
+from .safetensors_io import iter_tensors, tensor_names, write_file
 
 FORMAT_NAME = "export-engine.quantized-unet"
 FORMAT_VERSION = 1
@@ -35,44 +35,11 @@ JSON_NAME = "quantized.json"
 TENSORS_NAME = "quantized.safetensors"
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-              torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
-
-
 def _storage_dtype(t: torch.Tensor) -> torch.dtype:
     """fp32 tensors that fp16 holds exactly are stored as fp16 (half the bytes, same values)."""
     if t.dtype == torch.float32 and torch.equal(t.detach().half().float(), t.detach()):
         return torch.float16
     return t.dtype
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a safetensors file one tensor at a time (no second copy of the model in memory).
-
-    Layout per the safetensors spec: u64 little-endian header size, JSON header
-    (space-padded to 8 bytes) with dtype, shape and data_offsets per tensor,
-    then the raw little-endian tensor bytes back to back.
-    """
-    import struct
-
-    dtypes = {k: _storage_dtype(v) for k, v in tensors.items()}
-    header, offset = {"__metadata__": metadata}, 0
-    for k, v in tensors.items():
-        nbytes = v.numel() * torch.empty((), dtype=dtypes[k]).element_size()
-        header[k] = {"dtype": _ST_DTYPES[dtypes[k]], "shape": list(v.shape),
-                     "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for k, v in tensors.items():
-            t = v.detach().to("cpu", dtypes[k]).contiguous().reshape(-1)
-            if t.numel():
-                f.write(memoryview(t.view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _layer_entry(name: str, layer) -> dict:
@@ -164,7 +131,7 @@ def save_checkpoint(model: nn.Module, out_dir: str | Path, report=None) -> Path:
         raise UserError(str(err), EXIT_OUTPUT) from None
     cfg = checkpoint_config(model, report)
     with atomic_path(out / TENSORS_NAME) as tmp:
-        _write_safetensors(tmp, model.state_dict(), {"format": "pt", "export_engine": FORMAT_NAME})
+        write_file(tmp, model.state_dict(), {"format": "pt", "export_engine": FORMAT_NAME}, _storage_dtype)
         digest = sha256_file(tmp)
         size = tmp.stat().st_size
     cfg["tensors"].update(sha256=digest, bytes=size)
@@ -197,8 +164,6 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     names); a different base config is a :class:`UserError`. ``verify``
     checks the tensor file's sha256 against the JSON.
     """
-    from safetensors import safe_open
-
     from .finetune import TALoRAController
     from .models.presets import get_preset
 
@@ -253,21 +218,17 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     expected = model.state_dict()
     stored = {}
     try:
-        with safe_open(str(tensor_file), framework="pt") as f:
-            keys = set(f.keys())
-            if keys != set(expected):
-                odd = sorted(keys - set(expected))[:1] + sorted(set(expected) - keys)[:1]
-                raise UserError(f"checkpoint {folder}: tensors do not match the model its JSON describes "
-                                f"(e.g. {odd[0]})")
-            for k, t in expected.items():  # one tensor at a time: no second copy of the model
-                v = f.get_tensor(k)
-                if v.shape != t.shape:
-                    raise UserError(f"checkpoint {folder}: {k} has shape {tuple(v.shape)}, "
-                                    f"{preset.name} expects {tuple(t.shape)}")
-                stored[k] = v.to(t.dtype)
-    except UserError:
-        raise
-    except Exception as err:  # safetensors' own errors for damaged files
+        keys = set(tensor_names(tensor_file))
+        if keys != set(expected):
+            odd = sorted(keys - set(expected))[:1] + sorted(set(expected) - keys)[:1]
+            raise UserError(f"checkpoint {folder}: tensors do not match the model its JSON describes "
+                            f"(e.g. {odd[0]})")
+        for k, v in iter_tensors(tensor_file, list(expected)):  # one at a time: no second model copy
+            if v.shape != expected[k].shape:
+                raise UserError(f"checkpoint {folder}: {k} has shape {tuple(v.shape)}, "
+                                f"{preset.name} expects {tuple(expected[k].shape)}")
+            stored[k] = v.to(expected[k].dtype)
+    except (OSError, ValueError, KeyError) as err:  # a damaged file
         raise UserError(f"checkpoint {folder}: unreadable tensor file ({err})") from None
     model.load_state_dict(stored, strict=True, assign=True)
     model.quantization = {"preset": cfg["preset"], "scheme": cfg["scheme"],

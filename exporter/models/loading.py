@@ -1,6 +1,6 @@
 """Load UNet weights from a diffusers folder or a single-file .safetensors checkpoint.
 
-Tensors are read one at a time from the memory-mapped file and copied into
+Tensors are read one at a time (plain reads, no memory map) and copied into
 the (already allocated) model, so the peak is the model plus one tensor, not
 the model plus the whole file.
 
@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 
 from ..cli import UserError
+from ..safetensors_io import iter_tensors, tensor_names
 
 SGM_PREFIX = "model.diffusion_model."
 WEIGHT_NAMES = (
@@ -98,15 +99,13 @@ def _norm(v):
 
 def _iter_keys(files: list[Path]) -> Iterator[tuple[str, tuple[Path, str]]]:
     """(key, (file, key)) for every tensor in the safetensors files."""
-    from safetensors import safe_open
-
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    yield k, (f, k)
-        except Exception as err:  # safetensors raises its own types for corrupt headers
+            names = tensor_names(f)
+        except (OSError, ValueError) as err:
             raise UserError(f"--model-path {f}: not a readable safetensors file ({err})") from None
+        for k in names:
+            yield k, (f, k)
 
 
 def _single_file_mapping(tensors: dict, path: Path, config: dict) -> dict:
@@ -127,23 +126,23 @@ def _single_file_mapping(tensors: dict, path: Path, config: dict) -> dict:
 
 
 def _copy_into(model: torch.nn.Module, tensors: dict, path: Path) -> None:
-    from safetensors import safe_open
-
     state = model.state_dict(keep_vars=True)
     missing = [k for k in state if k not in tensors]
     if missing:
         raise UserError(f"--model-path {path}: {len(missing)} UNet weights missing (first: {missing[0]}); "
                         f"is this the right model?")
-    by_file: dict[Path, list[tuple[str, str]]] = {}
+    by_file: dict[Path, dict[str, str]] = {}
     for name in state:
         f, key = tensors[name]
-        by_file.setdefault(f, []).append((name, key))
+        by_file.setdefault(f, {})[key] = name
     with torch.no_grad():
-        for f, items in by_file.items():
-            with safe_open(str(f), framework="pt") as h:
-                for name, key in items:
-                    t = h.get_tensor(key)
-                    if t.shape != state[name].shape:
-                        raise UserError(f"--model-path {path}: {name} has shape {tuple(t.shape)}, "
-                                        f"the preset expects {tuple(state[name].shape)}")
-                    state[name].copy_(t)
+        for f, names in by_file.items():
+            try:
+                for key, t in iter_tensors(f, list(names)):  # read, not mapped: peak = model + one tensor
+                    target = state[names[key]]
+                    if t.shape != target.shape:
+                        raise UserError(f"--model-path {path}: {names[key]} has shape {tuple(t.shape)}, "
+                                        f"the preset expects {tuple(target.shape)}")
+                    target.copy_(t)
+            except (OSError, ValueError, KeyError) as err:
+                raise UserError(f"--model-path {f}: unreadable safetensors file ({err})") from None
