@@ -85,6 +85,24 @@ def _is_xwt(layer: QuantLayer) -> bool:
             and list(layer.layout[0].attrs.get("perm", [1, 0])) == [1, 0])
 
 
+def weight_codes(t: gs.Tensor) -> tuple[np.ndarray | None, bool]:
+    """(uint8 codes, selected per adapter?) of a weight DequantizeFP's codes input as
+    quantize_weights leaves it (:func:`graph_passes.quantize_weights.read_codes`), or a plain
+    INT8/UINT8 initializer. Codes are None for anything else; for TALoRA they are the stack."""
+    if isinstance(t, gs.Constant):
+        values = np.asarray(t.values)
+        if values.dtype.kind in "iu" and values.dtype.itemsize == 1:
+            return values.view(np.uint8), False
+        return None, False
+    from .quantize_weights import read_codes
+
+    codes, index, _ = read_codes(t)
+    if codes is None:
+        node = producer(t)  # a TALoRA stack selected another way still is per adapter
+        return None, bool(node is not None and node.op == "Gather")
+    return (codes, True) if index is not None else (codes[0], False)
+
+
 def _is_e2m1(node: gs.Node) -> bool:
     fmt, _ = node_attrs_format(node)
     return fmt.name == "e2m1" and int(node.attrs.get("bias", fmt.bias)) == fmt.bias
@@ -101,14 +119,12 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
         return None, f"weight format {w_fmt.name} is not signed e2m1 (the only NVFP4 grid)"
     if any(b != 4 for b in bits):
         return None, "mixed-precision weight channels (3/4/5 bits): NVFP4 has one 4-bit grid"
-    codes_t = layer.w_dq.inputs[0]
-    if not isinstance(codes_t, gs.Constant):
-        sel = producer(codes_t)
-        if sel is not None and sel.op == "Gather" and isinstance(sel.inputs[0], gs.Constant):
-            return None, ("TALoRA: weight codes are selected per timestep (Gather of an adapter "
-                          "stack); NVFP4 weights must be one initializer")
+    codes, per_adapter = weight_codes(layer.w_dq.inputs[0])
+    if per_adapter:
+        return None, ("TALoRA: weight codes are selected per timestep (Gather of an adapter "
+                      "stack); NVFP4 weights must be one initializer")
+    if codes is None:
         return None, "weight codes are not constant (run quantize_weights first)"
-    codes = np.asarray(codes_t.values).view(np.uint8)
     if codes.ndim != 2:
         return None, f"weight codes have rank {codes.ndim}, not 2"
     n, k = codes.shape
@@ -129,7 +145,10 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
         return None, ("dynamic per-token activation scales: NVFP4 activations are block-16 dynamic "
                       "with FP8 scales under an initializer per-tensor scale, not the same grid")
     a_scale = constant_value(graph, layer.a_q.inputs[1])
-    dq_scale = constant_value(graph, layer.a_dq.inputs[1])
+    dq_in = layer.a_dq.inputs[1]
+    # static mode: QuantizeFP's scale_used output (1) is its scale input
+    dq_scale = a_scale if len(layer.a_q.outputs) > 1 and dq_in is layer.a_q.outputs[1] \
+        else constant_value(graph, dq_in)
     if (a_scale is None or a_scale.size != 1 or dq_scale is None or dq_scale.size != 1
             or np.float32(a_scale.reshape(())) != np.float32(dq_scale.reshape(()))):
         return None, "activation scale is not one per-tensor constant"
@@ -313,9 +332,9 @@ def _dynamic_e2m1_candidate(graph: gs.Graph, layer: QuantLayer):
         return None
     if any(b != 4 for b in node_attrs_format(layer.w_dq)[1]):
         return None
-    if not isinstance(layer.w_dq.inputs[0], gs.Constant):
+    codes, per_adapter = weight_codes(layer.w_dq.inputs[0])
+    if codes is None or per_adapter:
         return None
-    codes = np.asarray(layer.w_dq.inputs[0].values).view(np.uint8)
     w_scale = constant_value(graph, layer.w_dq.inputs[1])
     if codes.ndim != 2 or codes.shape[1] % BLOCK or w_scale is None or w_scale.size != codes.shape[0]:
         return None
