@@ -245,7 +245,7 @@ def eval_metrics(unet: nn.Module, calib) -> dict:
             "dfa_loss": dfa / len(calib.records)}
 
 
-def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: int = 4, lr: float = 1e-3,
+def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: int = 4, lr: float = 5e-4,
              batch: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
              before: dict | None = None) -> FinetuneResult:
     """TALoRA + DFA fine-tuning of a quantized UNet on calibration records, then freeze the router.

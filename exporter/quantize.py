@@ -57,7 +57,7 @@ class QuantizeConfig:
     finetune_steps: int | None = None
     lora_rank: int = 4
     adapters: int = 4
-    finetune_lr: float = 1e-3
+    finetune_lr: float = 5e-4
     finetune_batch: int = 4
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
