@@ -18,7 +18,7 @@ FAST = ["--calib-samples", "1", "--calib-steps", "2", "--finetune-steps", "4"]
 def run_cli(*args, cwd=None):
     """The installed console script, as a user runs it: (exit code, stdout, stderr)."""
     exe = Path(sys.executable).with_name("export-engine")
-    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=900)
+    proc = subprocess.run([str(exe), *args], capture_output=True, text=True, cwd=cwd, timeout=3600)
     return proc.returncode, proc.stdout, proc.stderr
 
 
