@@ -45,7 +45,6 @@ import ml_dtypes
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from exporter.formats import get_format
@@ -183,8 +182,7 @@ def _v(name: str, dtype, shape=None) -> gs.Variable:
     return gs.Variable(name, dtype=dtype, shape=shape)
 
 
-def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor,
-               transpose_out_shape=None) -> list[gs.Node]:
+def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
     """Nodes computing the layer from ``x`` into ``out``:
 
     x -[Cast f32]-> QuantizeLinear(s_a, FLOAT4E2M1) -> DequantizeLinear(s_a) -[Cast]-> x_dq

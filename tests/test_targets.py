@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-import ml_dtypes
 import numpy as np
 import onnx
 import onnxruntime as ort
