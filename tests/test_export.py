@@ -65,15 +65,12 @@ def test_sdxl_tiny_export_passes_the_full_onnx_checker(tiny_export):
     assert {f.name for f in model.functions} == {"QuantizeFP", "DequantizeFP"}
 
 
-@pytest.mark.slow
-def test_sdxl_tiny_matches_pytorch_at_timesteps_routed_to_different_adapters(tiny_export):
-    model, path = tiny_export
-    timesteps = _timesteps_of_distinct_adapters(model)
-    assert len({model.talora.adapter_for_timestep(t) for t in timesteps}) >= 2
+def _check_parity_at_timesteps(model, path, timesteps, table_of, hw, text, table=None):
+    assert len({table_of(t) for t in timesteps}) >= 2  # routed to different adapters
     for t in timesteps:
-        inputs = unet_example_inputs(model, batch=1, height=32, width=32, text_len=12, seed=7)
+        inputs = unet_example_inputs(model, batch=1, height=hw, width=hw, text_len=text, seed=7)
         inputs["timestep"] = torch.tensor(t)
-        report = parity(model, path, inputs, call=unet_call)
+        report = parity(model, path, inputs, call=unet_call, adapter_table=table)
         assert report.whole.rel_l2 <= 1e-3, (t, report.summary())
         assert len(report.layers) == len(list(quant_layers(model)))
         for layer in report.layers:  # same input: codes identical for >= 99.99 % of values
@@ -81,9 +78,45 @@ def test_sdxl_tiny_matches_pytorch_at_timesteps_routed_to_different_adapters(tin
             assert layer.out.rel_l2 <= 1e-4, (t, layer)
 
 
+@pytest.fixture(scope="module")
+def hand_unet_export(tmp_path_factory):
+    """A tiny SDXL-shaped UNet (two blocks) with every quantizer option set by hand: signed and
+    unsigned formats, per-token layers, mixed precision, LoRA and TALoRA (3 adapters)."""
+    from export_fixtures import tiny_quant_unet
+
+    model, table, _ = tiny_quant_unet()
+    path = tmp_path_factory.mktemp("hand") / "unet.onnx"
+    export_unet(model, path, batch=2, height=16, width=16, text_len=7, adapter_table=table,
+                debug_outputs=True)
+    return model, table, path
+
+
 @pytest.mark.slow
-def test_dynamic_batch_size_and_text_length(tiny_export):
+def test_hand_quantized_unet_matches_pytorch_at_timesteps_of_different_adapters(hand_unet_export):
+    from exporter.export import adapter_index
+
+    model, table, path = hand_unet_export
+    onnx.checker.check_model(str(path), full_check=True)
+    _check_parity_at_timesteps(model, path, [10.0, 500.0, 990.0],
+                               lambda t: int(adapter_index(table, torch.tensor(t))), 16, 7, table)
+    for batch, hw, text in [(1, 8, 5), (3, 24, 20)]:  # dynamic batch, size and text length
+        inputs = unet_example_inputs(model, batch=batch, height=hw, width=hw, text_len=text, seed=1)
+        report = parity(model, path, inputs, call=unet_call, adapter_table=table, layers=False)
+        # other shapes change fp32 summation order upstream (attention, norms); a value that then
+        # crosses a rounding midpoint flips one 4-bit code, a full step, and 79 quantized layers
+        # carry it on: looser than the same-shape bound, which the layer-by-layer check pins down
+        assert report.whole.rel_l2 <= 2e-2, (batch, hw, text, report.summary())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("EXPORT_ENGINE_FULL_PARITY"),
+                    reason="ONNX Runtime takes many minutes to load the all-layers sdxl-tiny graph "
+                           "(about 130k nodes once the op bodies are inlined) on 2 cores; set "
+                           "EXPORT_ENGINE_FULL_PARITY=1")
+def test_sdxl_tiny_matches_pytorch_at_timesteps_routed_to_different_adapters(tiny_export):
     model, path = tiny_export
+    _check_parity_at_timesteps(model, path, _timesteps_of_distinct_adapters(model),
+                               model.talora.adapter_for_timestep, 32, 12)
     for batch, hw, text in [(1, 8, 5), (3, 24, 20)]:
         inputs = unet_example_inputs(model, batch=batch, height=hw, width=hw, text_len=text, seed=1)
         report = parity(model, path, inputs, call=unet_call, layers=False)
