@@ -70,6 +70,7 @@ class _Body:
         self.prefix = prefix
         self.nodes: list[onnx.NodeProto] = []
         self._n = 0
+        self._consts: dict[tuple, str] = {}  # one Constant per value: bodies are inlined per node
 
     def op(self, op_type: str, *inputs: str, outputs: int = 1, **attrs) -> str | list[str]:
         self._n += 1
@@ -80,7 +81,10 @@ class _Body:
 
     def const(self, value, dtype=np.float32) -> str:
         arr = np.asarray(value, dtype=dtype)
-        return self.op("Constant", value=numpy_helper.from_array(arr))
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.op("Constant", value=numpy_helper.from_array(arr))
+        return self._consts[key]
 
     def ref(self, attr: str, kind: str) -> str:
         """A Constant whose value is the node attribute ``attr`` (kind: int, ints, float, floats)."""
