@@ -168,10 +168,11 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     from .models.presets import get_preset
 
     cfg, folder = read_checkpoint_config(path)
+    missing = [k for k in ("preset", "scheme", "base_config_hash", "tensors", "layers") if k not in cfg]
+    if missing:
+        raise UserError(f"checkpoint {folder}: {JSON_NAME} lacks {', '.join(repr(k) for k in missing)}")
     preset = get_preset(preset or cfg["preset"]) if not hasattr(preset, "config") else preset
-    if preset.config_hash() != cfg["base_config_hash"]:
-        raise UserError(f"checkpoint {folder} was made for a UNet with config {cfg['base_config_hash'][:19]}... "
-                        f"({cfg['preset']}); {preset.name} has {preset.config_hash()[:19]}...: they do not match")
+    _check_base_config(cfg, preset, folder)
     tensor_file = folder / cfg["tensors"]["file"]
     if not tensor_file.is_file():
         raise UserError(f"checkpoint {folder}: tensor file {tensor_file.name} is missing")
@@ -187,19 +188,33 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
 
     def make(name, layer):
         entry = layers[name]
-        q = QUANT_LAYERS[type(layer)](layer, w_fmt=entry["weight"]["format"],
-                                      a_fmt=entry["activation"]["format"] or "e2m1",
-                                      a_mode=entry["activation"]["mode"] or "static")
-        q.a_quant.enabled = entry["activation"]["format"] is not None
-        if entry["smoothing"] is not None:
-            q.smooth = torch.empty(layer.weight.shape[1], device="meta")
-        q.aal = bool(entry["aal"])
+        try:
+            q = QUANT_LAYERS[type(layer)](layer, w_fmt=entry["weight"]["format"],
+                                          a_fmt=entry["activation"]["format"] or "e2m1",
+                                          a_mode=entry["activation"]["mode"] or "static")
+            q.a_quant.enabled = entry["activation"]["format"] is not None
+            if entry["smoothing"] is not None:
+                q.smooth = torch.empty(layer.weight.shape[1], device="meta")
+            q.aal = bool(entry["aal"])
+            entry["lora"]  # noqa: B018 (checked here so that a missing key names its layer)
+        except (KeyError, TypeError, ValueError) as err:
+            raise UserError(f"checkpoint {folder}: layer {name} has a bad or incomplete entry in {JSON_NAME} "
+                            f"({type(err).__name__}: {err})") from None
         return q
 
     swap_quant_layers(model, include=lambda n: n in layers, factory=make)
     talora = cfg.get("talora")
     ctrl = None
     if talora is not None:
+        try:
+            ok = isinstance(talora["adapters"], int) and talora["adapters"] >= 1 \
+                and isinstance(talora["router"]["embed_dim"], int) and isinstance(talora["router"]["hidden"], int) \
+                and isinstance(talora["num_train_timesteps"], int)
+        except (KeyError, TypeError):
+            ok = False
+        if not ok:
+            raise UserError(f"checkpoint {folder}: bad talora section in {JSON_NAME} (needs adapters K >= 1, "
+                            f"router.embed_dim, router.hidden, num_train_timesteps): {json.dumps(talora)[:120]}")
         ctrl = TALoRAController(talora["adapters"], talora["router"]["embed_dim"], talora["num_train_timesteps"],
                                 talora["router"]["hidden"]).to("meta")
         model.talora = ctrl
@@ -207,6 +222,10 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
         lcfg = layers[name]["lora"]
         if lcfg is None:
             continue
+        if not isinstance(lcfg, dict) or lcfg.get("kind") not in ("talora", "lora") \
+                or not isinstance(lcfg.get("rank"), int) or lcfg["rank"] < 1 or "scale" not in lcfg:
+            raise UserError(f"checkpoint {folder}: layer {name} has a bad lora entry in {JSON_NAME} (needs kind "
+                            f"'talora' or 'lora', a positive integer rank and a scale): {json.dumps(lcfg)[:120]}")
         if lcfg["kind"] == "talora":
             if ctrl is None:
                 raise UserError(f"checkpoint {folder}: {name} has TALoRA adapters but no talora section")
@@ -238,6 +257,27 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     if ctrl is not None:
         ctrl.attach(model)
     return model
+
+
+def _check_base_config(cfg: dict, preset, folder: Path) -> None:
+    """The checkpoint's base UNet config must be the preset's: one-line errors that name the key."""
+    from .models.presets import config_hash
+
+    base = cfg.get("base_config")
+    if isinstance(base, dict) and config_hash(base) != cfg["base_config_hash"]:
+        raise UserError(f"checkpoint {folder}: base_config does not match base_config_hash in {JSON_NAME} "
+                        f"(edited or from another model)")
+    if preset.config_hash() == cfg["base_config_hash"]:
+        return
+    what = f"checkpoint {folder} was made for a UNet ({cfg['preset']}) whose config and {preset.name}'s do not match"
+    if isinstance(base, dict):
+        ours = preset.config()
+        diff = [k for k in sorted(set(base) | set(ours)) if not k.startswith("_") and base.get(k) != ours.get(k)]
+        k = diff[0]
+        raise UserError(f"{what}: {k} is {base.get(k)!r}, {preset.name} has {ours.get(k)!r} "
+                        f"({len(diff)} key(s) differ)")
+    raise UserError(f"{what}: base_config_hash {cfg['base_config_hash'][:19]}..., {preset.name} has "
+                    f"{preset.config_hash()[:19]}...")
 
 
 def _has_module(model: nn.Module, name: str) -> bool:

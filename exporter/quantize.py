@@ -81,6 +81,11 @@ class QuantizeConfig:
             raise UserError(f"--lora-rank must be a positive integer, got {self.lora_rank!r}")
         if not isinstance(self.adapters, int) or self.adapters < 1:
             raise UserError(f"--adapters (TALoRA K) must be a positive integer, got {self.adapters!r}")
+        for name, flag in (("calib_samples", "--calib-samples"), ("calib_steps", "--calib-steps"),
+                           ("resolution", "--calib-resolution"), ("max_tokens", "max_tokens")):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise UserError(f"{flag} must be a positive integer, got {value!r}")
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise UserError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if not (self.threads in (None, "auto") or (isinstance(self.threads, int) and self.threads >= 1)):
@@ -269,9 +274,11 @@ def layer_rows(model: nn.Module, choices: dict[str, LayerChoice]) -> list[dict]:
 def calib_config(preset: Preset, cfg: QuantizeConfig, device: str) -> CalibConfig:
     d = preset.defaults(device)
     return CalibConfig(
-        samples=cfg.calib_samples or d.samples, steps=cfg.calib_steps or d.steps,
-        resolution=cfg.resolution or d.resolution, scheduler=cfg.scheduler, seed=cfg.seed,
-        embeddings=cfg.calib_embeddings, holdout=cfg.calib_holdout, max_tokens=cfg.max_tokens or d.max_tokens)
+        samples=d.samples if cfg.calib_samples is None else cfg.calib_samples,
+        steps=d.steps if cfg.calib_steps is None else cfg.calib_steps,
+        resolution=d.resolution if cfg.resolution is None else cfg.resolution, scheduler=cfg.scheduler,
+        seed=cfg.seed, embeddings=cfg.calib_embeddings, holdout=cfg.calib_holdout,
+        max_tokens=d.max_tokens if cfg.max_tokens is None else cfg.max_tokens)
 
 
 def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *,

@@ -73,9 +73,14 @@ def run(args: argparse.Namespace) -> int:
     from .quantize import QuantizeConfig, quantize_model
 
     preset = get_preset(args.model)
-    for flag, value in (("--lora-rank", args.lora_rank), ("--adapters", args.adapters)):
-        if value < 1:
-            raise UserError(f"{flag} must be a positive integer, got {value}")
+    cfg = QuantizeConfig(
+        scheme=args.scheme, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+        resolution=args.calib_resolution, scheduler=args.scheduler, calib_embeddings=args.calib_embeddings,
+        finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
+        include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
+        mixup=args.mixup, mixed_precision=args.mixed_precision, seed=args.seed, device=args.device,
+        threads=args.threads)
+    cfg.validate()  # bad options fail before anything is built or written
     if args.model_path and not Path(args.model_path).exists():
         raise UserError(f"--model-path {args.model_path}: no such file or directory")
     out = Path(args.out or Path("models") / f"{preset.name}-{args.scheme}")
@@ -85,13 +90,6 @@ def run(args: argparse.Namespace) -> int:
         from .cli import EXIT_OUTPUT
 
         raise UserError(str(err), EXIT_OUTPUT) from None
-    cfg = QuantizeConfig(
-        scheme=args.scheme, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
-        resolution=args.calib_resolution, scheduler=args.scheduler, calib_embeddings=args.calib_embeddings,
-        finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
-        include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
-        mixup=args.mixup, mixed_precision=args.mixed_precision, seed=args.seed, device=args.device,
-        threads=args.threads)
     start = time.perf_counter()
 
     def progress(msg: str) -> None:

@@ -98,3 +98,57 @@ def test_ptq_checkpoint_without_talora_round_trips(tmp_path):
     inputs = get_preset("sdxl-tiny").example_inputs(batch=1, timestep=321.0)
     with torch.no_grad():
         assert torch.equal(run_unet(loaded, inputs), run_unet(model, inputs))
+
+
+def _edited(saved, tmp_path, edit):
+    """A copy of the saved checkpoint whose JSON went through ``edit(cfg)`` (tensor file linked)."""
+    _, out = saved
+    cfg = json.loads((out / JSON_NAME).read_text())
+    edit(cfg)
+    folder = tmp_path / "edited"
+    folder.mkdir()
+    (folder / JSON_NAME).write_text(json.dumps(cfg))
+    (folder / TENSORS_NAME).symlink_to(out / TENSORS_NAME)
+    return folder
+
+
+def _one_line_error(path, match, **kwargs):
+    with pytest.raises(UserError, match=match) as err:
+        load_checkpoint(path, **kwargs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def _other_unet(cfg):  # the checkpoint claims another UNet (hash recomputed, as a careful writer would)
+    from exporter.models import config_hash
+
+    cfg["base_config"]["block_out_channels"] = [32, 64, 128]
+    cfg["base_config_hash"] = config_hash(cfg["base_config"])
+
+
+def _set_layer_lora_rank_0(cfg):
+    next(e for e in cfg["layers"].values() if e["lora"])["lora"]["rank"] = 0
+
+
+@pytest.mark.parametrize("edit,match", [
+    (_other_unet, r"config and sdxl-tiny's do not match: block_out_channels is \[32, 64, 128\], sdxl-tiny has"),
+    (lambda c: c["base_config"].update(layers_per_block=3), "base_config does not match base_config_hash"),
+    (lambda c: c.pop("base_config_hash"), "lacks 'base_config_hash'"),
+    (lambda c: c.update(preset="sd15"), "unknown model 'sd15'"),
+    (lambda c: c["talora"].update(adapters=0), "adapters K >= 1"),
+    (_set_layer_lora_rank_0, "bad lora entry.*positive integer rank"),
+    (lambda c: next(iter(c["layers"].values()))["weight"].pop("format"), "bad or incomplete entry"),
+])
+def test_a_checkpoint_config_that_does_not_match_the_model_is_a_one_line_error(saved, tmp_path, edit, match):
+    _one_line_error(_edited(saved, tmp_path, edit), match)
+
+
+def test_the_cli_names_the_mismatch_in_one_line(saved, tmp_path, capsys):
+    from exporter.cli import EXIT_INPUT, main
+
+    _, out = saved
+    assert main(["export", str(out), "--model", "sdxl", "--out", str(tmp_path / "o")]) == EXIT_INPUT
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export-engine: error: checkpoint")
+    assert "config and sdxl's do not match" in err[0] and "(sdxl-tiny)" in err[0]
+    assert not (tmp_path / "o" / "unet.onnx").exists()

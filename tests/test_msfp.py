@@ -143,8 +143,22 @@ def test_mixed_precision_beats_uniform_bits_on_outlier_channels():
     w[:8] = torch.distributions.StudentT(3.0).sample((8, 64)) * 0.3  # 8 outlier-heavy rows
     space = dict(a_mode=None, a_signed=(), a_unsigned=())
     mixed, uniform = _search(x, w, **space), _search(x, w, mixed_precision=False, **space)
-    assert mixed.mp_k > 0
+    same_smoothing = _search(x, w, mp_step=1 << 30, **space)  # no count k fits: uniform bits, (mixed)'s smoothing
+    assert mixed.mp_k > 0 and same_smoothing.mp_k == 0
+    assert (mixed.smooth is None) == (same_smoothing.smooth is None) and mixed.w_format == same_smoothing.w_format
     assert int((mixed.w_bits == 5).sum()) == int((mixed.w_bits == 3).sum()) == mixed.mp_k
     assert float(mixed.w_bits.float().mean()) == 4.0
     assert bool((mixed.w_bits[:8] == 5).all())  # the heavy-tailed rows rank first by kurtosis
     assert mixed.sqnr_db > uniform.sqnr_db + 1.0
+    # the bits alone, on rows the search never saw (in-sample, k > 0 is only chosen where it helps)
+    x_new = torch.randn(512, 64, generator=torch.Generator().manual_seed(1))
+    lin = nn.Linear(64, 48, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+
+    def held_out(choice):
+        q = QuantLinear(lin)
+        apply_choice(q, choice)
+        return _layer_sqnr(q, x_new, lin(x_new).detach())
+
+    assert held_out(mixed) > held_out(same_smoothing) + 1.0

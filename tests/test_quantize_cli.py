@@ -41,16 +41,28 @@ def test_w4a8_and_w4a16(tmp_path, scheme, a_format):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["quantize", "sdxl-huge", "--w4a4"], "unknown model 'sdxl-huge'"),
-    (["quantize", "sdxl-tiny", "--w4a4", "--model-path", "nowhere"], "no such file or directory"),
-    (["quantize", "sdxl-tiny", "--w4a4", "--lora-rank", "0"], "--lora-rank must be a positive integer"),
-    (["quantize", "sdxl-tiny", "--w4a4", "--adapters", "0"], "--adapters must be a positive integer"),
+    (["quantize", "sdxl-huge", "--w4a4"], "unknown model 'sdxl-huge'; known models: sdxl, sdxl-tiny"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--model-path", "nowhere"], "--model-path nowhere: no such file or directory"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--lora-rank", "0"], "--lora-rank must be a positive integer, got 0"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--adapters", "0"], "--adapters (TALoRA K) must be a positive integer, got 0"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--calib-samples", "0"], "--calib-samples must be a positive integer"),
     (["quantize", "sdxl-tiny", "--w4a4", "--include", "("], "not a valid regular expression"),
 ])
-def test_bad_input_is_one_line_with_an_exit_code(capsys, args, message):
+def test_bad_input_is_one_line_with_an_exit_code(capsys, monkeypatch, tmp_path, args, message):
+    monkeypatch.chdir(tmp_path)  # the default --out is models/<MODEL>-<scheme> under the current folder
     assert main(args) == EXIT_INPUT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0] and err[0].startswith("export-engine: error:")
+    assert list(tmp_path.iterdir()) == []  # refused before anything was built or written
+
+
+def test_zero_lora_rank_or_adapters_fail_before_the_model_is_built():
+    from exporter.cli import UserError
+    from exporter.quantize import quantize_model
+
+    for kwargs, message in (({"lora_rank": 0}, "--lora-rank"), ({"adapters": 0}, "TALoRA K")):
+        with pytest.raises(UserError, match=message):
+            quantize_model("sdxl-tiny", model_path="/nonexistent", finetune_steps=0, **kwargs)
 
 
 def test_a_model_path_without_a_unet(capsys, tmp_path):
@@ -58,7 +70,7 @@ def test_a_model_path_without_a_unet(capsys, tmp_path):
     assert main(["quantize", "sdxl-tiny", "--w4a4", "--model-path", str(tmp_path), "--out", str(tmp_path / "q")]) \
         == EXIT_INPUT
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no UNet found" in err[0]
+    assert len(err) == 1 and f"--model-path {tmp_path}: no UNet found" in err[0]
 
 
 def test_list_shows_the_presets(capsys):
