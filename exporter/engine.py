@@ -8,7 +8,6 @@ tests build real engines on CPU-only machines. Custom-domain nodes with model-lo
 from __future__ import annotations
 
 import ctypes
-import importlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,19 +26,17 @@ class EngineBuildError(RuntimeError):
 
 
 def load_tensorrt(prefer: str | None = None) -> ModuleType:
-    """The TensorRT Python module: ``tensorrt_rtx`` or ``tensorrt`` (``prefer`` picks one).
+    """The TensorRT Python module: ``tensorrt`` or ``tensorrt_rtx`` (``prefer`` picks one).
 
     Raises ImportError naming both packages when neither is installed.
     """
-    order = [prefer] if prefer else ["tensorrt", "tensorrt_rtx"]
-    errors = []
-    for name in order:
-        try:
-            return importlib.import_module(name)
-        except ImportError as err:
-            errors.append(f"{name}: {err}")
-    raise ImportError("no TensorRT Python module found (" + "; ".join(errors) + "); install "
-                      "TensorRT-RTX (pip install tensorrt-rtx-cu13) or TensorRT from NVIDIA")
+    from plugins.loader import TENSORRT_MODULES, PluginLoadError, tensorrt_module
+
+    try:
+        return tensorrt_module([prefer] if prefer else TENSORRT_MODULES)
+    except PluginLoadError as err:
+        raise ImportError(f"{err}; install TensorRT-RTX (pip install tensorrt-rtx-cu13) or "
+                          "TensorRT from NVIDIA") from None
 
 
 def is_rtx(trt: ModuleType) -> bool:

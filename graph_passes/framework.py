@@ -66,15 +66,20 @@ def initializer_bytes(graph: gs.Graph) -> int:
         for t in tensors.values():
             if isinstance(t, gs.Constant) and id(t) not in seen:
                 seen.add(id(t))
-                total += int(np.prod(t.shape, dtype=np.int64)) * _itemsize(t)
+                total += _nbytes(t)
     return total
 
 
-def _itemsize(t: gs.Constant) -> int:
+_FOUR_BIT = (onnx.TensorProto.FLOAT4E2M1, onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+
+
+def _nbytes(t: gs.Constant) -> int:
+    """Bytes of a constant as stored in ONNX (4-bit types: two values per byte)."""
+    n = int(np.prod(t.shape, dtype=np.int64))
     try:
-        return np.dtype(t.dtype).itemsize
-    except TypeError:  # onnx-only dtypes (FLOAT4E2M1, ...): ask onnx
-        return 1
+        return n * np.dtype(t.dtype).itemsize
+    except TypeError:  # onnx-only dtypes (FLOAT4E2M1, FLOAT8E4M3FN, ...)
+        return (n + 1) // 2 if t.dtype in _FOUR_BIT else n
 
 
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -132,7 +137,7 @@ def _weightless(graph: gs.Graph):
     so a 5 GB UNet is checked in seconds."""
     morphed = []
     for t in graph.tensors().values():
-        if isinstance(t, gs.Constant) and int(np.prod(t.shape, dtype=np.int64)) * _itemsize(t) > 4096:
+        if isinstance(t, gs.Constant) and _nbytes(t) > 4096:
             # keep the (possibly lazy, not yet loaded) values and their export settings
             morphed.append((t, t._values, t.data_location, t._export_dtype))  # noqa: SLF001
     inputs = list(graph.inputs)

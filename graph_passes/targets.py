@@ -22,6 +22,7 @@ from .cleanup import cleanup
 from .fold_lora import fold_lora
 from .framework import PassContext, import_graph, run_passes, to_onnx
 from .fuse_fp4_gemm import fuse_fp4_gemm
+from .lower_quant import lower_quant, lower_quant_fold_weights
 from .pack_mixed_precision import pack_mixed_precision
 from .quantize_weights import quantize_weights
 
@@ -33,13 +34,13 @@ TARGETS = ("reference", "plugin", "native")
 def target_passes(target: str) -> list:
     common = [fold_lora, quantize_weights]
     if target == "reference":
-        return common + [cleanup]
+        return common + [lower_quant_fold_weights, cleanup]
     if target == "plugin":
-        return common + [pack_mixed_precision, fuse_fp4_gemm, cleanup]
+        return common + [pack_mixed_precision, fuse_fp4_gemm, lower_quant, cleanup]
     if target == "native":
         from .native_fp4 import to_native_fp4
 
-        return common + [to_native_fp4, cleanup]
+        return common + [to_native_fp4, lower_quant, cleanup]
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 

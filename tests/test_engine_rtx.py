@@ -89,8 +89,9 @@ def test_exported_sdxl_tiny_graph_builds_for_sm89(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("EXPORT_ENGINE_FULL_TRT"),
-                    reason="all-layers sdxl-tiny W4A4 TensorRT-RTX build takes over 10 CPU minutes; "
-                           "set EXPORT_ENGINE_FULL_TRT=1")
+                    reason="the raw all-layers export (op bodies inlined generically, ~100 k nodes) "
+                           "takes TensorRT-RTX over 20 CPU minutes; its reference target builds in "
+                           "about 40 s by default (tests/test_pipeline.py); set EXPORT_ENGINE_FULL_TRT=1")
 def test_exported_sdxl_tiny_w4a4_talora_builds_for_sm89(tmp_path):
     from exporter.export import export_unet
     from quant_helpers import tiny_quantized

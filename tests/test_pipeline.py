@@ -29,7 +29,7 @@ def tiny_export(tmp_path_factory):
     from exporter.checkpoint import save_checkpoint
     from quant_helpers import tiny_quantized
 
-    model, report = tiny_quantized(finetune_steps=4)
+    model, report = tiny_quantized(finetune_steps=2)  # the same cached run as tests/test_export.py
     ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ckpt"), report)
     out = tmp_path_factory.mktemp("export") / "sdxl-tiny-w4a4"
     code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--quantized", str(ckpt), "--no-build",
@@ -70,6 +70,24 @@ def test_rerun_comes_from_cache_and_verify_passes(tiny_export):
     assert {r["target"] for r in report["steps"]} == {"reference", "plugin"}
     assert report["layers"], "per-layer comparison ran"
     assert json.loads((out / "manifest.json").read_text())["verify"]["passed"]
+
+
+@pytest.mark.slow
+def test_build_makes_a_tensorrt_rtx_engine_of_every_quantized_layer(tiny_export, tmp_path):
+    """`export-engine build OUT` on a CPU: TensorRT-RTX builds the all-layers W4A4 + TALoRA
+    sdxl-tiny reference target for SM89 (the main command's default without a GPU)."""
+    import shutil
+
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by the test setup")
+    src, _, _ = tiny_export
+    out = tmp_path / "export"
+    shutil.copytree(src, out)  # the other tests keep their --no-build export
+    code, stdout, stderr = run_cli("build", str(out))
+    assert code == 0, stdout[-2000:] + stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    engine = out / m["artifacts"]["engine"]
+    assert engine.stat().st_size > 1_000_000 and m["hashes"][m["artifacts"]["engine"]]
+    assert "SM89" in stdout and "reference" in stdout
 
 
 def _errors(capsys, *argv):
