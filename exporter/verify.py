@@ -72,7 +72,7 @@ def verify_export(out: str | Path, steps: int = 3, quiet: bool = False, model=No
     import torch
 
     from .checkpoint import load_checkpoint
-    from .export import export_unet, unet_example_inputs
+    from .export import export_unet, unet_call, unet_example_inputs
     from .parity import diff, ort_session, parity_at_timesteps, run_onnx
     from .pipeline import MANIFEST, _preset, read_manifest
 
@@ -135,18 +135,20 @@ def verify_export(out: str | Path, steps: int = 3, quiet: bool = False, model=No
         from graph_passes.targets import build_target
 
         debug, lowered = out / "verify" / "debug.onnx", out / "verify" / "debug.reference.onnx"
-        export_unet(model, debug, batch=2, height=lat, width=lat, text_len=16, debug_outputs=True)
-        # ONNX Runtime loads a UNet whose op bodies are inlined generically (~100 k nodes) only after
-        # many minutes: run the debug export's reference lowering, which is exact (docs/targets.md)
-        build_target(debug, "reference", lowered, quiet=True)
-        ts = sorted({float(sched.timesteps[0]), float(sched.timesteps[-1]), 500.0})
-        for t, rep in parity_at_timesteps(model, lowered, base, ts).items():
-            for lp in rep.layers:
-                layer_rows.append({"timestep": t, "layer": lp.name, "codes_differ": lp.codes_differ_fraction,
-                                   "rel_l2": lp.out.rel_l2, "max_abs": lp.out.max_abs})
-        for path in (debug, lowered):
-            path.unlink(missing_ok=True)
-            path.with_name(path.name + ".data").unlink(missing_ok=True)
+        try:
+            export_unet(model, debug, batch=2, height=lat, width=lat, text_len=16, debug_outputs=True)
+            # ONNX Runtime loads a UNet whose op bodies are inlined generically (~100 k nodes) only
+            # after many minutes: run the debug export's exact reference lowering (docs/targets.md)
+            build_target(debug, "reference", lowered, quiet=True)
+            ts = sorted({float(sched.timesteps[0]), float(sched.timesteps[-1]), 500.0})
+            for t, rep in parity_at_timesteps(model, lowered, base, ts, call=unet_call).items():
+                for lp in rep.layers:
+                    layer_rows.append({"timestep": t, "layer": lp.name, "rel_l2": lp.out.rel_l2,
+                                       "codes_differ": lp.codes_differ_fraction, "max_abs": lp.out.max_abs})
+        finally:  # the debug graphs are scratch files, also when a check fails
+            for path in (debug, lowered):
+                path.unlink(missing_ok=True)
+                path.with_name(path.name + ".data").unlink(missing_ok=True)
     worst_e2e = max((r["rel_l2"] for r in rows if r["target"] != "engine"), default=0.0)
     worst_codes = max((r["codes_differ"] for r in layer_rows), default=0.0)
     passed = worst_e2e <= REL_L2_TOL and worst_codes <= CODES_DIFFER_TOL
