@@ -62,13 +62,8 @@ class _Emitter:
         return gs.Constant(f"{self.prefix}/c{self.n}", np.asarray(value, dtype))
 
 
-def _format_of(node: gs.Node) -> tuple[Format, list[int]]:
-    fmt, bits = node_attrs_format(node)
-    return fmt, bits
-
-
 def _single_width(node: gs.Node) -> Format | None:
-    fmt, bits = _format_of(node)
+    fmt, bits = node_attrs_format(node)
     return with_bits(fmt, bits[0]) if len(bits) == 1 else None
 
 
@@ -151,9 +146,9 @@ def _lower_activation_pair(graph: gs.Graph, q: gs.Node, dq: gs.Node) -> bool:
     if dynamic:
         s, z = _dynamic_scale(e, xf, fmt, [int(a) for a in q.attrs["axes"]])
     else:  # z * (1 - signed), as the body: a signed format's zero point is a signed zero
-        s, z = _as_f32(e, scale_in), _as_f32(e, zero_in)
-        z = e.const(_zero_term(q, z.values)) if isinstance(z, gs.Constant) else \
-            e.op("Mul", z, e.const(float(1 - int(q.attrs["signed"]))))
+        s = _as_f32(e, scale_in)
+        z = e.const(_zero_term(q, zero_in.values)) if isinstance(zero_in, gs.Constant) else \
+            e.op("Mul", _as_f32(e, zero_in), e.const(float(1 - int(q.attrs["signed"]))))
     u = e.op("Div", e.op("Sub", xf, z), s)
     values, codes = _quantize(e, u, fmt, want_codes)
     y = e.op("Add", z, e.op("Mul", s, values))
@@ -182,7 +177,7 @@ def _replace(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
 
 def _code_rows(dq: gs.Node, n_channels: int) -> tuple[np.ndarray, np.ndarray]:
     """(table [rows, 2**max_bits] float32, row index per output channel) of a DequantizeFP."""
-    _, bits = _format_of(dq)
+    _, bits = node_attrs_format(dq)
     table = np.asarray(dq.attrs["table"], np.float32)
     lo, hi = min(bits), max(bits)
     table = table.reshape(hi - lo + 1, 1 << hi)

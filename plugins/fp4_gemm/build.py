@@ -133,6 +133,17 @@ def compile_cxx(src: Path, out: Path, includes: Sequence[Path] = (), defines: Se
     return _run(cmd)
 
 
+def _objects(sources: Sequence[Path], out_dir: Path, includes: Sequence[Path] = (),
+             defines: Sequence[str] = (), extra: Sequence[str] = ()) -> list[str]:
+    """Each host source compiled (compile_cxx) to ``out_dir/<name>.o``; the object paths."""
+    objs = []
+    for src in sources:
+        obj = out_dir / f"{src.name}.o"
+        compile_cxx(src, obj, includes, defines, extra)
+        objs.append(str(obj))
+    return objs
+
+
 def compile_objects(arch: str, out_dir: Path, jobs: int = 2) -> dict[str, str]:
     """Compile every kernel source for one architecture (the CI compile check).
 
@@ -252,11 +263,7 @@ def build_dispatcher_library(with_wgmma: bool = True, out_dir: Path | None = Non
     with _locked(out_dir / "build"):
         if not lib.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
-            objs = []
-            for src in sources:
-                obj = out_dir / f"{src.name}.o"
-                compile_cxx(src, obj, (), defines)
-                objs.append(str(obj))
+            objs = _objects(sources, out_dir, (), defines)
             tmp = lib.with_suffix(".so.tmp")
             _run([nvcc, "-shared", "-cudart", "shared", "-o", str(tmp), *objs])
             tmp.replace(lib)
@@ -275,11 +282,7 @@ def build_plugin_selftest(trt_include: Path, out_dir: Path | None = None) -> Pat
     with _locked(out_dir / "build"):
         if not exe.exists():
             out_dir.mkdir(parents=True, exist_ok=True)
-            objs = []
-            for src in sources:
-                obj = out_dir / f"{src.name}.o"
-                compile_cxx(src, obj, [trt_include], extra=("-Wextra", "-Werror"))
-                objs.append(str(obj))
+            objs = _objects(sources, out_dir, [trt_include], extra=("-Wextra", "-Werror"))
             tmp = out_dir / "fp4gemm_plugin_selftest.tmp"
             _run([nvcc, "-cudart", "shared", "-o", str(tmp), *objs])
             tmp.replace(exe)
