@@ -40,10 +40,18 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _new_file_mode())  # mkstemp makes it private (0600); artifacts are not
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _new_file_mode() -> int:
+    """The mode open() gives a new file: 0666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_bytes(dest: str | Path, data: bytes) -> None:
@@ -83,33 +91,42 @@ def remove_stale_partials(folder: str | Path) -> int:
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 
 
-def save_onnx_atomic(model, path: str | Path, external_data: bool | None = None) -> Path | None:
-    """Save an ``onnx.ModelProto`` (+ at most one ``<name>.data`` file) atomically.
+@contextlib.contextmanager
+def atomic_onnx(path: str | Path) -> Iterator[tuple[Path, str]]:
+    """Yield (a temporary path for the .onnx, the data file's name ``<name>.data``).
 
-    Both files are written in a temporary folder beside ``path`` and moved into place, the
-    .onnx last, so a reader never sees a model whose data file is missing or stale. Returns the
-    data file's path when one was written. ``external_data=None``: only above 2 GB. With
-    external data, onnx moves the weights out of ``model`` (it is left without them).
-    """
+    Write the .onnx (and, beside it, at most the one data file) there. On success both move into
+    place, the .onnx last, so a reader never sees a model whose data file is missing or stale;
+    a data file left at the destination by an earlier save is removed when none was written."""
     import shutil
-
-    import onnx
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    nbytes = sum(t.ByteSize() for t in model.graph.initializer)
-    use_external = nbytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
     data_name = path.name + ".data"
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{PARTIAL_MARK}{path.name}."))
     try:
-        onnx.save_model(model, tmp_dir / path.name, save_as_external_data=use_external,
-                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        yield tmp_dir / path.name, data_name
         data_dest = path.with_name(data_name)
-        if use_external:
+        if (tmp_dir / data_name).exists():
             os.replace(tmp_dir / data_name, data_dest)
         elif data_dest.exists():
             data_dest.unlink()
         os.replace(tmp_dir / path.name, path)
-        return data_dest if use_external else None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def save_onnx_atomic(model, path: str | Path, external_data: bool | None = None) -> Path | None:
+    """Save an ``onnx.ModelProto`` (+ at most one ``<name>.data`` file) atomically (:func:`atomic_onnx`).
+
+    Returns the data file's path when one was written. ``external_data=None``: only above 2 GB.
+    With external data, onnx moves the weights out of ``model`` (it is left without them).
+    """
+    import onnx
+
+    nbytes = sum(t.ByteSize() for t in model.graph.initializer)
+    use_external = nbytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    with atomic_onnx(path) as (tmp, data_name):
+        onnx.save_model(model, tmp, save_as_external_data=use_external,
+                        all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    return Path(path).with_name(data_name) if use_external else None

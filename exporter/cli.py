@@ -24,6 +24,9 @@ class UserError(Exception):
         super().__init__(message)
         self.exit_code = exit_code
 
+    def __reduce__(self):  # keeps the exit code when raised in a stage's child process
+        return type(self), (str(self), self.exit_code)
+
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from .formats import KNOWN_FORMATS, get_format

@@ -128,14 +128,16 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     if serialized is None:
         raise EngineBuildError(f"{trt.__name__} failed to build an engine from {onnx_path}"
                                + (f" for {sm_name}" if sm_name else "") + " (see the log above)")
-    data = bytes(memoryview(serialized))
+    del parser, network  # the parsed weights: an SDXL engine is 5 GB, and so are they
     engine_path = Path(engine_path)
     with atomic_path(engine_path) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(memoryview(serialized))  # no Python copy of the engine
+    nbytes = serialized.nbytes
+    del serialized
     if timing_cache is not None:
         with atomic_path(timing_cache) as tmp:
-            tmp.write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
-    return BuildResult(engine_path, time.time() - start, len(data), trt.__name__, sm_name)
+            tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
+    return BuildResult(engine_path, time.time() - start, nbytes, trt.__name__, sm_name)
 
 
 def _profiles(network, profiles) -> list[dict]:

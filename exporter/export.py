@@ -517,6 +517,7 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
     ir_model = program.model
     state = {n for n, _ in wrapper.named_parameters()} | {n for n, _ in wrapper.named_buffers()}
     _fold_shape_constants(ir_model, state)
+    _cast_concat_inputs(ir_model)
     _finish_model(ir_model, opset, dim_names or {}, [n for n, _ in layers], debug_outputs)
     data_path = _save_atomic(ir_model, path, external_data)
     return ExportResult(path, data_path, time.time() - start, len(layers), list(example_inputs))
@@ -613,6 +614,27 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
     model.ir_version = 10
     model.producer_name = "export-engine"
     model.producer_version = None
+
+
+def _cast_concat_inputs(model) -> None:
+    """torch.cat promotes mixed dtypes, but the exporter emits a plain Concat, which ONNX requires
+    to have one input type. In an fp16 SDXL UNet, text_embeds (fp16) meets the fp32 sinusoidal
+    embedding of time_ids; cast such inputs to the output's dtype, as torch did."""
+    import onnx_ir as ir
+
+    for node in list(model.graph):
+        if node.op_type != "Concat" or node.domain not in ("", "ai.onnx"):
+            continue
+        dtype = node.outputs[0].dtype
+        for i, value in enumerate(node.inputs):
+            if value is None or dtype is None or value.dtype in (None, dtype):
+                continue
+            cast = ir.Node("", "Cast", [value], attributes=[ir.AttrInt64("to", int(dtype))],
+                           name=f"{node.name}/cast_input_{i}")
+            out = cast.outputs[0]
+            out.name, out.dtype, out.shape = f"{node.name}/cast_input_{i}_out", dtype, value.shape
+            model.graph.insert_before(node, cast)
+            node.replace_input_with(i, cast.outputs[0])
 
 
 def _fold_shape_constants(model, state_names: set[str]) -> None:

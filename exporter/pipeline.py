@@ -13,7 +13,6 @@ option redoes only the stages that depend on it. ``manifest.json`` describes the
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import platform
@@ -24,7 +23,7 @@ from typing import Callable
 
 from .atomic import atomic_write_json, check_writable_dir, remove_stale_partials, sha256_file
 from .cli import EXIT_INPUT, EXIT_MISSING_TOOL, EXIT_OUTPUT, EXIT_TOLERANCE, UserError
-from .stages import StageCache, file_fingerprint, stage_key
+from .stages import StageCache, file_fingerprint, run_in_child, stage_key
 
 PIPELINE_VERSION = 1  # bump when a stage's output format changes: invalidates caches
 MANIFEST = "manifest.json"
@@ -33,6 +32,9 @@ TARGETS = ("reference", "plugin", "native")
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
 #: models above this size are exported in fp16 unless --fp32: a 2.6 B-parameter UNet is 10 GB in fp32
 FP16_AUTO_MIN_PARAMS = 1_000_000_000
+#: models above this size run each stage in a child process (see stages.run_in_child): SDXL's
+#: quantize (~12 GB), passes and TensorRT build (~17 GB) then peak one at a time, not summed
+ISOLATE_AUTO_MIN_PARAMS = 1_000_000_000
 
 
 @dataclass
@@ -60,6 +62,7 @@ class RunOptions:
     resolution: tuple[int, int, int] | None = None  # pixels (min, opt, max); None: preset default
     text_len: tuple[int, int, int] = (77, 77, 77)
     cfg: bool = True
+    isolate: bool | None = None  # stages in child processes; None: for models over ISOLATE_AUTO_MIN_PARAMS
 
     @property
     def out_dir(self) -> Path:
@@ -195,6 +198,41 @@ def profiles_for(preset, opts: RunOptions) -> dict:
 # ---------------------------------------------------------------------------------------------
 # stages
 # ---------------------------------------------------------------------------------------------
+def quantize_stage(model_name: str, cfg, model_path: str | None, checkpoint_dir: Path, quiet: bool,
+                   keep: bool = True):
+    """Quantize the model and save its checkpoint; returns the quantized model when ``keep``."""
+    import warnings
+
+    from .checkpoint import save_checkpoint
+    from .quantize import quantize_model
+
+    say = Progress(quiet)
+    with warnings.catch_warnings():  # the random-weights warning is printed once, by run()
+        warnings.simplefilter("ignore")
+        model, report = quantize_model(_preset(model_name), cfg, model_path=model_path, progress=say)
+    say(report.summary())
+    save_checkpoint(model, checkpoint_dir, report)
+    return model if keep else None
+
+
+def export_stage(checkpoint: Path, model_name: str, onnx_path: Path, text_len: int, fp16: bool,
+                 model=None) -> bool:
+    """Export the checkpoint's model (or ``model``, already loaded) to ONNX; True when the
+    weights went to an external data file."""
+    from .checkpoint import load_checkpoint
+    from .export import ExportError, export_unet
+
+    if model is None:
+        model = load_checkpoint(checkpoint, preset=_preset(model_name))
+    factor = 2 ** (len(model.config.block_out_channels) - 1)
+    try:
+        res = export_unet(model, onnx_path, batch=2, height=2 * factor, width=2 * factor,
+                          text_len=text_len, fp16=fp16)
+    except ExportError as err:
+        raise UserError(str(err), EXIT_INPUT) from None
+    return res.data_path is not None
+
+
 class Pipeline:
     def __init__(self, opts: RunOptions):
         self.opts = opts
@@ -211,6 +249,12 @@ class Pipeline:
         self.timings: dict[str, float] = {}
         if opts.fp16 is None:
             opts.fp16 = _param_count(self) >= FP16_AUTO_MIN_PARAMS
+        if opts.isolate is None:
+            opts.isolate = _param_count(self) >= ISOLATE_AUTO_MIN_PARAMS
+
+    def _call(self, fn: Callable, /, *args, **kwargs):
+        """A stage's work: in a child process with ``isolate``, else here."""
+        return run_in_child(fn, *args, **kwargs) if self.opts.isolate else fn(*args, **kwargs)
 
     # -- quantize ------------------------------------------------------------------------------
     def quantize(self) -> tuple[str, Path]:
@@ -226,19 +270,12 @@ class Pipeline:
                         o.calib_steps, o.finetune_steps, o.seed)
 
         def produce():
-            import warnings
-
-            from .checkpoint import save_checkpoint
-            from .quantize import QuantizeConfig, quantize_model
+            from .quantize import QuantizeConfig
 
             cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples,
                                  calib_steps=o.calib_steps, finetune_steps=o.finetune_steps, seed=o.seed)
-            with warnings.catch_warnings():  # the random-weights warning is printed once, by run()
-                warnings.simplefilter("ignore")
-                model, report = quantize_model(self.preset, cfg, model_path=o.model_path, progress=self.say)
-            self.say(report.summary())
-            save_checkpoint(model, self.out / "checkpoint", report)
-            self.model = model
+            self.model = self._call(quantize_stage, o.model, cfg, o.model_path, self.out / "checkpoint",
+                                    o.quiet, keep=not o.isolate)
             return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]
 
         self.say(f"[quantize] {o.model} {o.scheme}")
@@ -261,18 +298,12 @@ class Pipeline:
         onnx_path = self.out / "onnx" / "unet.onnx"
 
         def produce():
-            from .export import ExportError, export_unet
-
-            model = self.load_model(checkpoint)
-            factor = 2 ** (len(model.config.block_out_channels) - 1)
-            try:
-                res = export_unet(model, onnx_path, batch=2, height=2 * factor, width=2 * factor,
-                                  text_len=self.opts.text_len[1], fp16=self.opts.fp16)
-            except ExportError as err:
-                raise UserError(str(err), EXIT_INPUT) from None
+            model = None if self.opts.isolate else self.load_model(checkpoint)
+            data = self._call(export_stage, checkpoint, self.opts.model, onnx_path, self.opts.text_len[1],
+                              self.opts.fp16, model)
             if self.opts.fp16:  # the torch model is now fp16: reload for verify
                 self.model = None
-            return ["onnx/unet.onnx"] + (["onnx/unet.onnx.data"] if res.data_path else [])
+            return ["onnx/unet.onnx"] + (["onnx/unet.onnx.data"] if data else [])
 
         self.say("[export] ONNX with export_engine QuantizeFP/DequantizeFP ops")
         res = self.cache.run("export", key, produce)
@@ -301,7 +332,8 @@ class Pipeline:
                 self.say(f"[passes] {target} target")
                 out = self.out / f"{target}.onnx"
                 try:
-                    info = build_target(onnx_path, target, out, user_loras=loras, quiet=self.opts.quiet)
+                    info = self._call(build_target, onnx_path, target, out, user_loras=loras,
+                                      quiet=self.opts.quiet)
                 except ValueError as err:  # a LoRA that does not fit, a graph we cannot lower
                     raise UserError(f"graph passes ({target}): {err}", EXIT_INPUT) from None
                 report = self.out / "reports" / f"passes_{target}.json"
@@ -364,8 +396,8 @@ class Pipeline:
                         "plugin": "FP4Gemm plugin kernels (FP8/FP16 tensor cores)",
                         "native": "NVFP4 (FLOAT4E2M1) where expressible, standard ops elsewhere"}[target])
             timing = Path("models") / "timing.cache" if module == "tensorrt" else None
-            build_engine(onnx_files[target], engine, sm=sm, profiles=profile, quiet=self.opts.quiet,
-                         timing_cache=timing, trt_module=module)
+            self._call(build_engine, onnx_files[target], engine, sm=sm, profiles=profile,
+                       plugin_libs=plugin_libs, quiet=self.opts.quiet, timing_cache=timing, trt_module=module)
             return [str(engine.relative_to(self.out))]
 
         res = self.cache.run("build", key, produce)

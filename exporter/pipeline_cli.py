@@ -55,6 +55,12 @@ def register(sub) -> None:
     v.add_argument("--verify", dest="verify", action="store_true", default=None,
                    help="verify at the end (default: only for models under 200 M parameters)")
     v.add_argument("--no-verify", dest="verify", action="store_false")
+    iso = p.add_mutually_exclusive_group()
+    iso.add_argument("--isolate", dest="isolate", action="store_true", default=None,
+                     help="run each stage in its own process, so peak memory is one stage's "
+                          "(default for models over 1 B parameters, e.g. sdxl)")
+    iso.add_argument("--no-isolate", dest="isolate", action="store_false",
+                     help="run every stage in this process (faster start, more memory)")
     g = p.add_argument_group("quantization")
     g.add_argument("--calib-samples", type=int, metavar="N")
     g.add_argument("--calib-steps", type=int, metavar="N")
@@ -100,7 +106,7 @@ def _run(args) -> int:
     opts = RunOptions(model=args.model, scheme=args.scheme or "w4a4", model_path=args.model_path,
                       loras=args.lora, quantized=args.quantized, target=args.target, sm=args.sm,
                       out=args.out, build=args.build, force=args.force, quiet=args.quiet,
-                      verify=args.verify, fp16=args.fp16, calib_samples=args.calib_samples,
+                      verify=args.verify, isolate=args.isolate, fp16=args.fp16, calib_samples=args.calib_samples,
                       calib_steps=args.calib_steps, finetune_steps=args.finetune_steps, seed=args.seed,
                       batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)

@@ -6,9 +6,10 @@ graph's own nodes on the exact inputs, so a fold can never compute something the
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import onnxruntime as ort
+
+from .framework import uncached_values
 
 
 def _producers(targets: list[gs.Tensor], stop: set[str]) -> list[gs.Node]:
@@ -52,14 +53,15 @@ def evaluate(graph: gs.Graph, targets: list[gs.Tensor], feeds: dict[str, np.ndar
     for name, value in feeds.items():
         inputs.append(gs.Variable(name, dtype=value.dtype, shape=value.shape))
     # the subgraph is built on fresh tensors so the original graph is never touched
-    sub = gs.Graph(opset=graph.opset, functions=graph.functions)
+    ops = {n.op for n in nodes}  # only the functions it calls: each is toposorted on export
+    sub = gs.Graph(opset=graph.opset, functions=[f for f in graph.functions if f.name in ops])
     tensor_map: dict[str, gs.Tensor] = {v.name: v for v in inputs}
 
     def fresh(t: gs.Tensor) -> gs.Tensor:
         if t.name in tensor_map:
             return tensor_map[t.name]
         if isinstance(t, gs.Constant):
-            new = gs.Constant(t.name, t.values)
+            new = gs.Constant(t.name, uncached_values(t))
         else:
             new = gs.Variable(t.name, dtype=t.dtype, shape=t.shape)
         tensor_map[t.name] = new
@@ -78,5 +80,7 @@ def evaluate(graph: gs.Graph, targets: list[gs.Tensor], feeds: dict[str, np.ndar
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    # one short-lived session per fold: an arena would keep every layer's buffers (a UNet's worth)
+    opts.enable_cpu_mem_arena = False
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     return sess.run([o.name for o in outs], {k: v for k, v in feeds.items()})

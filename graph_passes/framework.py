@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 log = logging.getLogger("export_engine.passes")
 
@@ -43,6 +46,8 @@ class PassRecord:
     bytes_before: int
     bytes_after: int
     seconds: float
+    #: the process's peak resident set size so far, after this pass (GiB)
+    peak_rss_gib: float = 0.0
 
     @property
     def changed(self) -> bool:
@@ -51,7 +56,7 @@ class PassRecord:
     def line(self) -> str:
         return (f"{self.name:24s} nodes {self.nodes_before:6d} -> {self.nodes_after:6d}  "
                 f"weights {self.bytes_before / 2**20:9.1f} -> {self.bytes_after / 2**20:9.1f} MiB  "
-                f"{self.seconds:6.2f} s  {_summary(self.changes)}")
+                f"{self.seconds:6.2f} s  peak RSS {self.peak_rss_gib:5.2f} GiB  {_summary(self.changes)}")
 
 
 def _summary(changes: dict) -> str:
@@ -82,6 +87,41 @@ def _nbytes(t: gs.Constant) -> int:
         return (n + 1) // 2 if t.dtype in _FOUR_BIT else n
 
 
+class _ExternalValues(LazyValues):
+    """An initializer's values left in the export's external data file and read only when a pass
+    asks for them. A UNet's weights are then never all in memory at once: a pass reads a layer's
+    weight, replaces it (codes, a folded copy) and the float original is dropped with its node."""
+
+    def __init__(self, tensor: onnx.TensorProto, base_dir: str):
+        super().__init__(tensor)
+        self.base_dir = base_dir
+
+    def load(self) -> np.ndarray:
+        copy = onnx.TensorProto()
+        copy.CopyFrom(self.tensor)  # loading external data writes into the proto: keep ours empty
+        return onnx.numpy_helper.to_array(copy, base_dir=self.base_dir)
+
+
+def uncached_values(t: gs.Constant) -> np.ndarray:
+    """A constant's values without keeping a lazily loaded copy in the graph (``t.values`` would
+    cache it): for passes that read a weight once to replace it."""
+    return t._values.load() if isinstance(t._values, LazyValues) else t.values  # noqa: SLF001
+
+
+def load_graph(path: str | Path) -> gs.Graph:
+    """The ONNX file at ``path`` as a gs graph whose external weights load lazily (see
+    :class:`_ExternalValues`); :func:`to_onnx` reads whatever no pass replaced."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    graph = import_graph(model)
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant) and isinstance(t._values, LazyValues) \
+                and t.data_location == onnx.TensorProto.EXTERNAL:  # noqa: SLF001
+            t._values = _ExternalValues(t._values.tensor, str(path.parent))  # noqa: SLF001
+            t.data_location = None
+    return graph
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
     """onnx -> gs graph. Constant nodes holding list attributes (``value_ints=[]`` from the dynamo
     exporter) become tensor-valued first: onnx-graphsurgeon cannot write an empty list back."""
@@ -102,6 +142,9 @@ def to_onnx(graph: gs.Graph) -> onnx.ModelProto:
     """Export a gs graph with the function bodies of exactly the export_engine ops it uses."""
     from exporter.onnx_ops import DOMAIN, DOMAIN_VERSION, functions_for
 
+    for t in graph.tensors().values():  # weights still in the source file: read them now
+        if isinstance(t, gs.Constant) and isinstance(t._values, _ExternalValues):  # noqa: SLF001
+            t.values = t._values.load()  # noqa: SLF001
     model = gs.export_onnx(graph, do_type_check=True)
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     # keep the bodies the graph came with; add those of ops a pass introduced; drop unused ones
@@ -114,6 +157,49 @@ def to_onnx(graph: gs.Graph) -> onnx.ModelProto:
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     model.ir_version = 10
     return model
+
+
+def save_graph(graph: gs.Graph, path: str | Path, finish: Callable[[onnx.ModelProto], onnx.ModelProto]
+               = lambda m: m, external_data: bool | None = None) -> Path | None:
+    """Save ``graph`` atomically (``finish`` edits the small model proto last); returns the data
+    file when one was written (``external_data=None``: above 2 GB of weights).
+
+    Large weights are streamed into the data file one tensor at a time and never held twice
+    (numpy array and protobuf copy): writing SDXL's 5 GB reference target that way needs no more
+    memory than the passes did."""
+    from exporter.atomic import EXTERNAL_DATA_THRESHOLD, atomic_onnx
+
+    external = initializer_bytes(graph) > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    with atomic_onnx(path) as (tmp, data_name):
+        if external:
+            _stream_weights(graph, tmp.with_name(data_name), data_name)
+        onnx.save_model(finish(to_onnx(graph)), tmp)
+    return Path(path).with_name(data_name) if external else None
+
+
+def _stream_weights(graph: gs.Graph, data_path: Path, location: str) -> None:
+    """Write each constant over 1 KiB to ``data_path`` and leave in the graph only a tensor proto
+    that points there (gs exports such a proto as it is)."""
+    from onnx.external_data_helper import set_external_data
+    from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+
+    with open(data_path, "wb") as f:
+        for t in graph.tensors().values():
+            if not isinstance(t, gs.Constant) or _nbytes(t) <= 1024:
+                continue
+            if isinstance(t._values, _ExternalValues):  # noqa: SLF001
+                t.values = t._values.load()  # noqa: SLF001
+            proto = OnnxExporter.export_tensor_proto(t)
+            if not proto.HasField("raw_data"):
+                continue
+            if len(proto.raw_data) >= 1 << 20:  # page-aligned, so a runtime may map it
+                f.write(b"\0" * (-f.tell() % 4096))
+            offset = f.tell()
+            f.write(proto.raw_data)
+            set_external_data(proto, location, offset, f.tell() - offset)
+            proto.ClearField("raw_data")
+            proto.data_location = onnx.TensorProto.EXTERNAL
+            t._values = LazyValues(proto)  # noqa: SLF001
 
 
 def check_graph(graph: gs.Graph, full: bool = False) -> onnx.ModelProto:
@@ -154,6 +240,11 @@ def _weightless(graph: gs.Graph):
             t.data_location = location
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
+
+
 def run_passes(graph: gs.Graph, passes: list[GraphPass], ctx: PassContext | None = None,
                check: bool = True, quiet: bool = False) -> list[PassRecord]:
     """Run ``passes`` in order on ``graph`` (in place); returns one record per pass."""
@@ -172,7 +263,7 @@ def run_passes(graph: gs.Graph, passes: list[GraphPass], ctx: PassContext | None
             except Exception as err:  # name the pass that broke the graph
                 raise RuntimeError(f"graph check failed after pass {name!r}: {err}") from err
         rec = PassRecord(name, changes, nodes_before, len(graph.nodes), bytes_before,
-                         initializer_bytes(graph), seconds)
+                         initializer_bytes(graph), seconds, peak_rss_gib())
         records.append(rec)
         (log.debug if quiet else log.info)(rec.line())
     return records

@@ -12,6 +12,9 @@ and selected by the same ``Gather(stack, adapter_index)``.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -21,21 +24,42 @@ from exporter.formats import Format, with_bits
 from .framework import PassContext
 from .patterns import constant_value, find_quant_layers, node_attrs_format, producer
 
+#: weight elements per encoding task (a few MB of float32 temporaries per thread)
+_BLOCK_ELEMENTS = 1 << 19
+
 
 def encode_weight(w: np.ndarray, fmt: Format, channel_bits: list[int], scale: np.ndarray,
                   zero_point: np.ndarray) -> np.ndarray:
-    """uint8 codes of one weight [out, ...]; ``scale`` broadcasts against w (e.g. [out, 1, ...])."""
-    x = w.astype(np.float32)
-    if not fmt.signed:
-        x = x - zero_point.astype(np.float32)
-    u = (x / scale.astype(np.float32)).astype(np.float32)
-    rows = u.reshape(u.shape[0], -1)
-    bits = np.asarray(channel_bits if len(channel_bits) > 1 else channel_bits * rows.shape[0])
-    codes = np.empty(rows.shape, np.uint8)
-    for b in np.unique(bits):
-        sel = bits == b
-        codes[sel] = with_bits(fmt, int(b)).encode(rows[sel], nan="zero")
-    return codes.reshape(u.shape)
+    """uint8 codes of one weight [out, ...]; ``scale`` broadcasts against w (e.g. [out, 1, ...]).
+
+    Row blocks are encoded on every core: numpy releases the GIL inside its array loops, and
+    encoding a UNet's 2.5 G weights is the passes' longest step."""
+    bits = np.asarray(channel_bits if len(channel_bits) > 1 else channel_bits * w.shape[0])
+    codes = np.empty(w.shape, np.uint8)
+
+    def rows(block: slice) -> None:
+        def part(a):  # the block's rows of a per-channel array; a broadcast one as it is
+            return a[block] if a.ndim and a.shape[0] == w.shape[0] else a
+
+        x = w[block].astype(np.float32)
+        if not fmt.signed:
+            x = x - part(zero_point).astype(np.float32)
+        u = (x / part(scale).astype(np.float32)).astype(np.float32)
+        u = u.reshape(u.shape[0], -1)
+        out = codes[block].reshape(u.shape)  # a view: codes is contiguous
+        for b in np.unique(bits[block]):
+            sel = bits[block] == b
+            out[sel] = with_bits(fmt, int(b)).encode(u[sel], nan="zero")
+
+    per_row = max(1, int(np.prod(w.shape[1:])))
+    step = max(1, _BLOCK_ELEMENTS // per_row)
+    blocks = [slice(i, i + step) for i in range(0, w.shape[0], step)]
+    if len(blocks) == 1:
+        rows(blocks[0])
+    else:
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(rows, blocks))
+    return codes
 
 
 def _weight_source(t: gs.Tensor):

@@ -1,7 +1,7 @@
 """The three targets, from one pass pipeline over the export.
 
-- ``reference``: standard ONNX ops only (our function bodies inlined); weight codes + table
-  decode; runs in ONNX Runtime and any TensorRT; exactly the quantized model's numerics.
+- ``reference``: standard ONNX ops only (our ops lowered by ``lower_quant``), weights dequantized
+  to float constants; runs in ONNX Runtime and any TensorRT; exactly the quantized model's numerics.
 - ``plugin``: one ``FP4Gemm`` node per quantized Linear (our TensorRT plugin), packed weights;
   convolutions keep DequantizeFP on codes. No float copy of a quantized weight remains.
 - ``native``: Blackwell NVFP4 (FLOAT4E2M1 weights, FP8 E4M3 block scales of 16) where a layer's
@@ -16,11 +16,9 @@ from pathlib import Path
 
 import onnx
 
-from exporter.atomic import save_onnx_atomic
-
 from .cleanup import cleanup
 from .fold_lora import fold_lora
-from .framework import PassContext, import_graph, run_passes, to_onnx
+from .framework import PassContext, load_graph, run_passes, save_graph
 from .fuse_fp4_gemm import fuse_fp4_gemm
 from .lower_quant import lower_quant, lower_quant_fold_weights
 from .pack_mixed_precision import pack_mixed_precision
@@ -44,13 +42,15 @@ def target_passes(target: str) -> list:
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
-def _inline(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Standard ops only: inline our function bodies and drop the domain."""
-    from onnx.inliner import inline_local_functions
-
+def _standard_ops_only(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drop our function bodies and domain from a target that ``lower_quant`` left with standard
+    ops only. (Inlining instead would serialize the model: a protobuf holds at most 2 GB, and
+    SDXL's reference target is 5 GB.)"""
     from exporter.onnx_ops import DOMAIN
 
-    model = inline_local_functions(model)
+    left = sorted({n.op_type for n in model.graph.node if n.domain == DOMAIN})
+    if left:
+        raise RuntimeError(f"target still has {DOMAIN} ops {left} after lowering")
     del model.functions[:]
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
@@ -64,17 +64,15 @@ def build_target(export_path: str | Path, target: str, out_path: str | Path, *,
 
     Returns ``{"target", "path", "data", "passes": [...], "layers": [...], "metadata": {...}}``.
     """
-    model = onnx.load(str(export_path))
-    graph = import_graph(model)
-    del model
+    graph = load_graph(export_path)
     ctx = PassContext(options={"user_loras": user_loras or []})
     records = run_passes(graph, target_passes(target), ctx, check=check, quiet=quiet)
-    result = to_onnx(graph)
-    del graph
-    if target != "plugin":
-        result = _inline(result)
-    result.producer_name = "export-engine"
-    data = save_onnx_atomic(result, out_path)
+
+    def finish(model: onnx.ModelProto) -> onnx.ModelProto:
+        model.producer_name = "export-engine"
+        return model if target == "plugin" else _standard_ops_only(model)
+
+    data = save_graph(graph, out_path, finish)
     return {"target": target, "path": str(out_path), "data": str(data) if data else None,
             "passes": [{**asdict(r), "changed": r.changed} for r in records],
             "layers": ctx.layer_report, "metadata": ctx.metadata}

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from exporter.atomic import (PARTIAL_MARK, atomic_path, atomic_write_json, check_writable_dir,
-                             remove_stale_partials)
+from exporter.atomic import (PARTIAL_MARK, atomic_path, atomic_write_bytes, atomic_write_json,
+                             check_writable_dir, remove_stale_partials)
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
@@ -38,3 +38,11 @@ def test_unwritable_folder_is_named(tmp_path):
     blocker.write_bytes(b"")
     with pytest.raises(PermissionError, match="not writable"):
         check_writable_dir(blocker / "sub")
+
+
+def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path):
+    """mkstemp's temporaries are private (0600); a manifest or engine must not stay that way."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"x")
+    atomic_write_bytes(tmp_path / "engine", b"x")
+    assert (tmp_path / "engine").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

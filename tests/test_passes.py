@@ -1,15 +1,19 @@
 """Each graph pass alone, on small hand-built graphs: what it changes, and that outputs do not."""
+import shutil
+
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
+from onnx_graphsurgeon.ir.tensor import LazyValues
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter import onnx_ops
 from exporter.formats import get_format
 from graph_passes.cleanup import cleanup
 from graph_passes.fold_lora import fold_lora
-from graph_passes.framework import PassContext, import_graph, run_passes, to_onnx
+from graph_passes.framework import PassContext, import_graph, load_graph, run_passes, save_graph, to_onnx
 from graph_passes.fuse_fp4_gemm import fuse_fp4_gemm
 from graph_passes.lora_files import LoraDelta, LoraFileError
 from graph_passes.pack_mixed_precision import pack_mixed_precision
@@ -192,3 +196,35 @@ def test_pipeline_names_the_pass_that_breaks_the_graph():
 
     with pytest.raises(RuntimeError, match="break_graph"):
         apply(linear_graph(), [break_graph])
+
+
+@pytest.mark.parametrize("external", [False, True])
+def test_weights_load_lazily_and_stream_into_the_saved_data_file(tmp_path, external):
+    """load_graph leaves external weights in their file until a pass asks; save_graph writes
+    them (those no pass replaced too) into the new file, the same bytes every time."""
+    model = linear_graph("plain", mixed=True)
+    expected = run(apply(model, [fold_lora])[0])
+    src = tmp_path / "src" / "m.onnx"
+    src.parent.mkdir()
+    onnx.save_model(model, src, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    saved = []
+    for copy in ("a", "b"):
+        graph = load_graph(src)
+        weight = graph.tensors()["layer.weight"]
+        assert isinstance(weight._values, LazyValues) and list(weight.shape) == [N, K]
+        run_passes(graph, [fold_lora], PassContext())
+        dest = tmp_path / copy / "m.onnx"
+        data = save_graph(graph, dest, external_data=external)
+        assert (data == dest.with_name("m.onnx.data")) if external else data is None
+        assert sorted(p.name for p in dest.parent.iterdir()) == ["m.onnx"] + (["m.onnx.data"] if external else [])
+        saved.append(dest)
+    shutil.rmtree(src.parent)  # nothing may still point at the source's data file
+    for dest in saved:
+        np.testing.assert_array_equal(run(onnx.load(str(dest))), expected)
+    for name in [p.name for p in saved[0].parent.iterdir()]:
+        assert (saved[0].parent / name).read_bytes() == (saved[1].parent / name).read_bytes()
+    if external:  # the folded weight (over 1 KiB) lives in the data file, the bias stays inline
+        stored = onnx.load(str(saved[0]), load_external_data=False)
+        outside = {t.name for t in stored.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+        assert outside == {"layer.weight_folded"}

@@ -25,7 +25,8 @@ def run_cli(*args, cwd=None):
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory):
     """The main command from a quantized checkpoint (the quantize stage's own tests cover it; its
-    cached tiny run is reused here to keep the suite fast)."""
+    cached tiny run is reused here to keep the suite fast), with the export and passes in child
+    processes (--isolate, the default for SDXL)."""
     from exporter.checkpoint import save_checkpoint
     from quant_helpers import tiny_quantized
 
@@ -33,7 +34,7 @@ def tiny_export(tmp_path_factory):
     ckpt = save_checkpoint(model, tmp_path_factory.mktemp("ckpt"), report)
     out = tmp_path_factory.mktemp("export") / "sdxl-tiny-w4a4"
     code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--quantized", str(ckpt), "--no-build",
-                                   "--no-verify", "--out", str(out))
+                                   "--no-verify", "--isolate", "--out", str(out))
     assert code == 0, stderr[-3000:]
     return out, stdout, ckpt
 
@@ -164,3 +165,16 @@ def test_help_is_there_for_a_new_user(capsys):
     for flag in ("--model-path", "--lora", "--quantized", "--target", "--sm", "--no-build", "--force"):
         assert flag in text
     assert cli.main(["list"]) == 0
+
+
+def _raise_user_error(message, code):
+    raise cli.UserError(message, code)
+
+
+def test_a_stage_in_a_child_process_returns_its_result_or_its_error_with_the_exit_code():
+    from exporter.stages import run_in_child
+
+    assert run_in_child(pow, 3, 4) == 81
+    with pytest.raises(cli.UserError) as err:
+        run_in_child(_raise_user_error, "out dir not writable", EXIT_OUTPUT)
+    assert str(err.value) == "out dir not writable" and err.value.exit_code == EXIT_OUTPUT
