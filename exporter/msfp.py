@@ -101,6 +101,17 @@ class SearchSpace:
     proxy_elements: int = 1 << 15  # activation elements for the dynamic-mode proxy
     proxy_bins: int = 2048  # histogram bins for the static activation proxy
     mp_step: int = 8  # granularity of the mixed-precision count k
+    nvfp4_linear: bool = False  # Linear layers searched in nvfp4_space(self) (Blackwell FP4)
+
+
+def nvfp4_space(space: SearchSpace) -> SearchSpace:
+    """The search space of a Linear layer that Blackwell runs natively (graph_passes.native_fp4):
+    signed ``e2m1`` weights, every channel at 4 bits (no mixed precision, hence no MPQ-DM
+    smoothing), static signed ``e2m1`` activations (no unsigned formats for AALs, no per-token
+    scales). MSFP's formats are better on asymmetric inputs; NVFP4 is what FP4 tensor cores run."""
+    return dataclasses.replace(space, w_formats=("e2m1",), a_signed=("e2m1",), a_unsigned=(),
+                               a_mode=space.a_mode and "static", mixed_precision=False, smoothing=False,
+                               nvfp4_linear=False)
 
 
 @dataclass

@@ -56,6 +56,7 @@ class RunOptions:
     calib_samples: int | None = None
     calib_steps: int | None = None
     finetune_steps: int | None = None
+    nvfp4: bool = False  # Linear layers quantized the NVFP4 way (quantize.QuantizeConfig.nvfp4)
     seed: int = 0
     # engine profiles: images per batch (classifier-free guidance doubles the UNet batch)
     batch: tuple[int, int, int] = (1, 1, 4)
@@ -267,13 +268,13 @@ class Pipeline:
             return stage_key("checkpoint", file_fingerprint(json_path)), json_path
         key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
                         o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
-                        o.calib_steps, o.finetune_steps, o.seed)
+                        o.calib_steps, o.finetune_steps, o.seed, o.nvfp4)
 
         def produce():
             from .quantize import QuantizeConfig
 
-            cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples,
-                                 calib_steps=o.calib_steps, finetune_steps=o.finetune_steps, seed=o.seed)
+            cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples, calib_steps=o.calib_steps,
+                                 finetune_steps=o.finetune_steps, nvfp4=o.nvfp4, seed=o.seed)
             self.model = self._call(quantize_stage, o.model, cfg, o.model_path, self.out / "checkpoint",
                                     o.quiet, keep=not o.isolate)
             return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]
@@ -336,6 +337,10 @@ class Pipeline:
                                       quiet=self.opts.quiet)
                 except ValueError as err:  # a LoRA that does not fit, a graph we cannot lower
                     raise UserError(f"graph passes ({target}): {err}", EXIT_INPUT) from None
+                if target == "native":
+                    nv = sum(1 for r in info["layers"] if r.get("impl") == "nvfp4")
+                    self.say(f"[passes] native: {nv} of {len(info['layers'])} quantized layers are NVFP4"
+                             + ("" if self.opts.nvfp4 else " (--nvfp4 quantizes Linear layers the NVFP4 way)"))
                 report = self.out / "reports" / f"passes_{target}.json"
                 atomic_write_json(report, info)
                 written += [f"{target}.onnx", f"reports/passes_{target}.json"]

@@ -29,7 +29,8 @@ from .finetune import eval_metrics, finetune
 from .formats import SIGNED_FP4, UNSIGNED_FP4
 from .layers import QUANT_LAYERS, quant_layers, swap_quant_layers
 from .models.presets import Preset, get_preset
-from .msfp import SIGNED_FP8, UNSIGNED_FP8, LayerChoice, SearchSpace, apply_choice, search_layer
+from .msfp import (SIGNED_FP8, UNSIGNED_FP8, LayerChoice, SearchSpace, apply_choice, nvfp4_space,
+                   search_layer)
 
 #: weight / activation settings per scheme (weights are always 4-bit FP)
 SCHEMES = {
@@ -65,6 +66,7 @@ class QuantizeConfig:
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
     mixed_precision: bool = True  # MPQ-DM smoothing + N-1/N/N+1 bits
+    nvfp4: bool = False  # Linear layers quantized the NVFP4 way (msfp.nvfp4_space), for Blackwell
     seed: int = 0
     device: str | None = None
     evaluate: bool | None = None  # end-to-end metrics (None: only for models < 200 M parameters)
@@ -104,7 +106,7 @@ class QuantizeConfig:
             a_signed=s["a_signed"], a_unsigned=s["a_unsigned"] if self.mixup else (),
             a_mode=None if s["a_mode"] is None else self.act_mode,
             mixed_precision=self.mixed_precision, smoothing=self.mixed_precision,
-            exhaustive=self.search == "exhaustive")
+            exhaustive=self.search == "exhaustive", nvfp4_linear=self.nvfp4)
 
 
 @dataclass
@@ -221,7 +223,8 @@ def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], sp
         layer = model.get_submodule(name)
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1).float().cpu()
         bias = None if layer.bias is None else layer.bias.detach().float().cpu()
-        return search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, space, seed=seed + i)
+        sp = nvfp4_space(space) if space.nvfp4_linear and isinstance(layer, nn.Linear) else space
+        return search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, sp, seed=seed + i)
 
     choices: dict[str, LayerChoice] = {}
     threads = torch.get_num_threads()

@@ -454,6 +454,54 @@ def stack_targets(tmp_path_factory):
     return res
 
 
+def test_nvfp4_search_makes_every_linear_layer_nvfp4_and_keeps_msfp_for_convolutions(tmp_path):
+    """`--nvfp4` (QuantizeConfig.nvfp4): the real search on a Conv/Linear stack, Linear layers in
+    nvfp4_space. The native target then runs both Linear layers as NVFP4, GELU's asymmetric
+    output included; the convolutions keep their MSFP formats (reference ops)."""
+    from export_fixtures import ConvLinearStack
+
+    from exporter.calibration import CalibrationData, LayerCapture, conv_rows
+    from exporter.export import export_onnx
+    from exporter.quantize import QuantizeConfig, apply_choices, search_layers
+    from graph_passes.targets import build_target
+
+    torch.manual_seed(0)
+    model, x = ConvLinearStack(c=16, d=32), torch.randn(4, 3, 8, 8)
+    captures = {}
+
+    def capture(name):
+        def fn(mod, args):
+            a = args[0].detach()
+            if isinstance(mod, torch.nn.Conv2d):
+                rows, taps, chans = conv_rows(a, mod), mod.kernel_size[0] * mod.kernel_size[1], a.transpose(0, 1)
+                chans = chans.reshape(a.shape[1], -1)
+            else:
+                rows, taps, chans = a.reshape(-1, a.shape[-1]), 1, a.reshape(-1, a.shape[-1]).T
+            captures[name] = LayerCapture("conv" if taps > 1 else "linear", taps, [rows],
+                                          chans.amin(1), chans.amax(1))
+        return fn
+
+    names = ["conv1", "conv2", "fc1", "fc2"]
+    hooks = [model.get_submodule(n).register_forward_pre_hook(capture(n)) for n in names]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    calib = CalibrationData([], [], [], "euler", {}, captures)
+    space = QuantizeConfig(nvfp4=True).search_space()
+    choices = search_layers(model, calib, names, space)
+    for n in ("fc1", "fc2"):
+        c = choices[n]
+        assert (c.w_format, c.a_format, c.a_mode, c.smooth) == ("e2m1", "e2m1", "static", None), n
+        assert set(c.w_bits.tolist()) == {4} and c.a_zero == 0.0
+    assert choices["fc2"].aal  # GELU output: MSFP would have taken an unsigned format here
+    apply_choices(model, choices)
+    export_onnx(model, {"x": x}, tmp_path / "stack.onnx", timestep_input=None)
+    native = build_target(tmp_path / "stack.onnx", "native", tmp_path / "native.onnx", quiet=True)
+    impl = {r["layer"]: r["impl"] for r in native["layers"]}
+    assert impl == {"conv1": "reference ops", "conv2": "reference ops", "fc1": "nvfp4", "fc2": "nvfp4"}
+
+
 def _build(path, sm, profiles=None):
     from exporter.engine import build_engine
 
