@@ -35,6 +35,9 @@ FP16_AUTO_MIN_PARAMS = 1_000_000_000
 #: models above this size run each stage in a child process (see stages.run_in_child): SDXL's
 #: quantize (~12 GB), passes and TensorRT build (~17 GB) then peak one at a time, not summed
 ISOLATE_AUTO_MIN_PARAMS = 1_000_000_000
+#: disk the main job writes per model parameter: the full SDXL out dir (checkpoint, fp16 export,
+#: reference and plugin targets, SM89 engine) held 21 GiB for 2.57 B parameters
+DISK_BYTES_PER_PARAM = 9
 
 
 @dataclass
@@ -248,10 +251,11 @@ class Pipeline:
         self.cache = StageCache(self.out, force=opts.force)
         self.model = None  # the quantized torch model when this process made or loaded it
         self.timings: dict[str, float] = {}
+        self.params = _param_count(self.preset)  # sizes the defaults below
         if opts.fp16 is None:
-            opts.fp16 = _param_count(self) >= FP16_AUTO_MIN_PARAMS
+            opts.fp16 = self.params >= FP16_AUTO_MIN_PARAMS
         if opts.isolate is None:
-            opts.isolate = _param_count(self) >= ISOLATE_AUTO_MIN_PARAMS
+            opts.isolate = self.params >= ISOLATE_AUTO_MIN_PARAMS
 
     def _call(self, fn: Callable, /, *args, **kwargs):
         """A stage's work: in a child process with ``isolate``, else here."""
@@ -514,6 +518,7 @@ def run(opts: RunOptions) -> dict:
     if p.opts.model_path is None and not opts.quantized:
         p.say(f"warning: no --model-path: {opts.model} is built with seeded random weights; this "
               "exercises the pipeline but the model generates noise")
+    _warn_if_disk_is_short(p)
     qkey, ckpt = p.quantize()
     ekey, onnx_path = p.export(qkey, ckpt)
     pkey, onnx_files = p.passes(ekey, onnx_path)
@@ -523,7 +528,7 @@ def run(opts: RunOptions) -> dict:
     manifest = p.write_manifest(ckpt, onnx_path, onnx_files, engine)
     verify = opts.verify
     if verify is None:
-        verify = _param_count(p) < VERIFY_AUTO_MAX_PARAMS
+        verify = p.params < VERIFY_AUTO_MAX_PARAMS
     if verify:
         from .verify import verify_export
 
@@ -537,13 +542,25 @@ def run(opts: RunOptions) -> dict:
     return manifest
 
 
-def _param_count(p: Pipeline) -> int:
+def _warn_if_disk_is_short(p: Pipeline) -> None:
+    """Say so up front when the out dir's disk lacks room for what the job will write (an
+    estimate, so a warning): a full disk otherwise surfaces minutes later as an OSError."""
+    import shutil
+
+    have = sum(f.stat().st_size for f in p.out.rglob("*") if f.is_file())
+    need = p.params * DISK_BYTES_PER_PARAM - have
+    free = shutil.disk_usage(p.out).free
+    if free < need:
+        p.say(f"warning: {p.out} has {free / 1e9:.1f} GB free; this job writes about "
+              f"{need / 1e9:.0f} GB more (checkpoint, ONNX export, targets, engine)")
+
+
+def _param_count(preset) -> int:
+    """Parameters of the preset's float model (built on the meta device: no memory)."""
     import torch
 
-    if p.model is not None:
-        return sum(t.numel() for t in p.model.parameters())
     with torch.device("meta"):
-        return sum(t.numel() for t in p.preset.build_empty().parameters())
+        return sum(t.numel() for t in preset.build_empty().parameters())
 
 
 def build_existing(out: str | Path, target: str | None = None, sm: int | None = None,

@@ -178,3 +178,17 @@ def test_a_stage_in_a_child_process_returns_its_result_or_its_error_with_the_exi
     with pytest.raises(cli.UserError) as err:
         run_in_child(_raise_user_error, "out dir not writable", EXIT_OUTPUT)
     assert str(err.value) == "out dir not writable" and err.value.exit_code == EXIT_OUTPUT
+
+
+def test_a_disk_too_small_for_the_job_is_named_before_it_starts(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    p = pipeline.Pipeline(pipeline.RunOptions(model="sdxl", out=str(tmp_path / "out")))
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(5e9)))
+    pipeline._warn_if_disk_is_short(p)
+    said = capsys.readouterr().out
+    assert "has 5.0 GB free" in said and "writes about 23 GB more" in said  # 2.57 B parameters
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(100e9)))
+    pipeline._warn_if_disk_is_short(p)
+    assert capsys.readouterr().out == ""
