@@ -3,8 +3,8 @@
     python benchmarks/bench_passes_sdxl.py --export /tmp/sdxl-export/unet.onnx --out /tmp/sdxl-targets
 
 Make the export with ``benchmarks/bench_export_sdxl.py`` (or take ``OUT/onnx/unet.onnx`` of
-``export-engine sdxl --w4a4 --out OUT``). Prints a
-table and writes ``benchmarks/results/passes_sdxl_<cpu>.json``. Targets (issue "Graph passes"):
+``export-engine sdxl --w4a4 --out OUT``). Prints a table and writes
+``benchmarks/results/passes_sdxl_<cpu>.json``. Targets (issue "Graph passes"):
 plugin graph on disk <= 0.30 x the fp16 parameter bytes (5.13 GB); each target's passes <= 2 min
 and <= 16 GB peak RSS on a 2-core CPU. Each target runs in a fresh process (as the main command
 runs it), so its time includes loading the export and saving the target, and its peak is its own.

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
+from .quantize_cli import NVFP4_HELP
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
 
@@ -65,8 +66,7 @@ def register(sub) -> None:
     g.add_argument("--calib-samples", type=int, metavar="N")
     g.add_argument("--calib-steps", type=int, metavar="N")
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
-    g.add_argument("--nvfp4", action="store_true",
-                   help="Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static signed e2m1 activations) so the native target runs them on FP4 tensor cores; convolutions keep MSFP (use with --sm 120 or --target native)")
+    g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP + " (use with --sm 120 or --target native)")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("export and engine profiles")
     prec = g.add_mutually_exclusive_group()
@@ -108,9 +108,9 @@ def _run(args) -> int:
     opts = RunOptions(model=args.model, scheme=args.scheme or "w4a4", model_path=args.model_path,
                       loras=args.lora, quantized=args.quantized, target=args.target, sm=args.sm,
                       out=args.out, build=args.build, force=args.force, quiet=args.quiet,
-                      verify=args.verify, isolate=args.isolate, fp16=args.fp16, calib_samples=args.calib_samples,
-                      calib_steps=args.calib_steps, finetune_steps=args.finetune_steps, nvfp4=args.nvfp4,
-                      seed=args.seed,
+                      verify=args.verify, isolate=args.isolate, fp16=args.fp16,
+                      calib_samples=args.calib_samples, calib_steps=args.calib_steps,
+                      finetune_steps=args.finetune_steps, nvfp4=args.nvfp4, seed=args.seed,
                       batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)
     return EXIT_OK

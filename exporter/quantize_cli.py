@@ -16,6 +16,11 @@ from pathlib import Path
 from .cli import EXIT_OK, UserError
 
 
+NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static "
+              "signed e2m1 activations) so the native target runs them on FP4 tensor cores; "
+              "convolutions keep MSFP")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", prog="export-engine quantize", help="MSFP-quantize a UNet (calibrate, search formats, fine-tune) into a checkpoint",
@@ -54,8 +59,7 @@ def register(subparsers) -> None:
                    help="signed formats only (no unsigned FP for AALs)")
     g.add_argument("--no-mixed-precision", dest="mixed_precision", action="store_false",
                    help="no MPQ-DM smoothing and per-channel N-1/N/N+1 bits")
-    g.add_argument("--nvfp4", action="store_true",
-                   help="Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static signed e2m1 activations) so the native target runs them on FP4 tensor cores; convolutions keep MSFP")
+    g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP)
     g = p.add_argument_group("fine-tuning (TALoRA + DFA)")
     g.add_argument("--finetune-steps", type=int, metavar="N", help="0 = PTQ only (default: preset, per device)")
     g.add_argument("--lora-rank", type=int, default=4, metavar="R", help="rank of each TALoRA adapter (default 4)")
@@ -81,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
         mixup=args.mixup, mixed_precision=args.mixed_precision, nvfp4=args.nvfp4, seed=args.seed,
-        device=args.device,
-        threads=args.threads)
+        device=args.device, threads=args.threads)
     cfg.validate()  # bad options fail before anything is built or written
     if args.model_path and not Path(args.model_path).exists():
         raise UserError(f"--model-path {args.model_path}: no such file or directory")

@@ -473,10 +473,11 @@ def test_nvfp4_search_makes_every_linear_layer_nvfp4_and_keeps_msfp_for_convolut
         def fn(mod, args):
             a = args[0].detach()
             if isinstance(mod, torch.nn.Conv2d):
-                rows, taps, chans = conv_rows(a, mod), mod.kernel_size[0] * mod.kernel_size[1], a.transpose(0, 1)
-                chans = chans.reshape(a.shape[1], -1)
+                rows, taps = conv_rows(a, mod), mod.kernel_size[0] * mod.kernel_size[1]
+                chans = a.transpose(0, 1).reshape(a.shape[1], -1)
             else:
-                rows, taps, chans = a.reshape(-1, a.shape[-1]), 1, a.reshape(-1, a.shape[-1]).T
+                rows, taps = a.reshape(-1, a.shape[-1]), 1
+                chans = rows.T
             captures[name] = LayerCapture("conv" if taps > 1 else "linear", taps, [rows],
                                           chans.amin(1), chans.amax(1))
         return fn
