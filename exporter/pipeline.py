@@ -535,7 +535,8 @@ def run(opts: RunOptions) -> dict:
         report = verify_export(p.out, quiet=opts.quiet, model=p.model)
         manifest = json.loads((p.out / MANIFEST).read_text())
         if not report["passed"]:
-            raise UserError(f"verify: over tolerance, see {p.out / 'verify' / 'verify.md'}", EXIT_TOLERANCE)
+            raise UserError(f"verify: {report['failed'][0]} (see {p.out / 'verify' / 'verify.md'})",
+                            EXIT_TOLERANCE)
     else:
         p.say(f"[verify] skipped for a model this size on CPU; run `export-engine verify {p.out}`")
     p.say(f"done in {time.perf_counter() - t0:.0f} s: {p.out / MANIFEST}")

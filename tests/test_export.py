@@ -65,13 +65,23 @@ def test_sdxl_tiny_export_passes_the_full_onnx_checker(tiny_export):
     assert {f.name for f in model.functions} == {"QuantizeFP", "DequantizeFP"}
 
 
-def _check_parity_at_timesteps(model, path, timesteps, table_of, hw, text, table=None):
+def _check_parity_at_timesteps(model, path, timesteps, table_of, hw, text, table=None, whole_tol=1e-3):
+    """Per layer on identical inputs (the sharp check) and end to end: within ``whole_tol`` rel L2,
+    or (``whole_tol=None``, for models where a single rounding flip cascades: docs/parity.md) no
+    farther from PyTorch than the quantization error itself."""
+    from exporter.parity import DIVERGENCE_TOL, end_to_end, onnx_runner
+
     assert len({table_of(t) for t in timesteps}) >= 2  # routed to different adapters
     for t in timesteps:
         inputs = unet_example_inputs(model, batch=1, height=hw, width=hw, text_len=text, seed=7)
         inputs["timestep"] = torch.tensor(t)
         report = parity(model, path, inputs, call=unet_call, adapter_table=table)
-        assert report.whole.rel_l2 <= 1e-3, (t, report.summary())
+        if whole_tol is not None:
+            assert report.whole.rel_l2 <= whole_tol, (t, report.summary())
+        else:
+            (s,) = end_to_end(model, {"ort": onnx_runner(path)}, [(7, inputs)], call=unet_call,
+                              adapter_table=table)["ort"]
+            assert s.divergence <= DIVERGENCE_TOL * s.quant_err, (t, s)
         assert len(report.layers) == len(list(quant_layers(model)))
         for layer in report.layers:  # same input: codes identical for >= 99.99 % of values
             assert layer.codes_differ_fraction <= 1e-4, (t, layer)
@@ -121,7 +131,7 @@ def test_sdxl_tiny_matches_pytorch_at_timesteps_routed_to_different_adapters(tin
     path = tmp_path / "reference.onnx"
     build_target(export, "reference", path, quiet=True)
     _check_parity_at_timesteps(model, path, _timesteps_of_distinct_adapters(model),
-                               model.talora.adapter_for_timestep, 32, 12)
+                               model.talora.adapter_for_timestep, 32, 12, whole_tol=None)
     for batch, hw, text in [(1, 8, 5), (3, 24, 20)]:  # dynamic shapes: layer by layer
         # (other shapes change fp32 summation order upstream; a value crossing a rounding midpoint
         # flips one 4-bit code, and 257 random-weight layers amplify it: whole-model rel L2 reached

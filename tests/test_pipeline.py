@@ -67,8 +67,9 @@ def test_rerun_comes_from_cache_and_verify_passes(tiny_export):
     for f in ("verify.json", "verify.md", "verify.png"):
         assert (out / "verify" / f).stat().st_size > 0
     report = json.loads((out / "verify" / "verify.json").read_text())
-    assert report["passed"] and report["worst_rel_l2"] <= 1e-3
-    assert {r["target"] for r in report["steps"]} == {"reference", "plugin"}
+    assert report["passed"] and not report["failed"] and report["worst_divergence"] <= 1.0
+    assert {r["target"] for r in report["samples"]} == {"reference", "plugin"}
+    assert {c["name"] for c in report["checks"]["reference"]} == {"quality", "divergence", "agreement"}
     assert report["layers"], "per-layer comparison ran"
     assert json.loads((out / "manifest.json").read_text())["verify"]["passed"]
 
