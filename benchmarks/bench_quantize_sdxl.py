@@ -34,8 +34,7 @@ def main() -> int:
     ap.add_argument("--model-path")
     ap.add_argument("--out", help="checkpoint folder (default: a temporary folder, deleted)")
     ap.add_argument("--no-save", action="store_true", help="skip writing the checkpoint")
-    ap.add_argument("--threads", default="auto", type=lambda v: v if v == "auto" else int(v),
-                    help="CPU threads (default auto: the cores other processes leave free, as the CLI)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: the CLI's, 1)")
     args = ap.parse_args()
 
     import torch
@@ -57,7 +56,7 @@ def main() -> int:
         print(f"[{time.perf_counter() - start:7.1f}s  rss {_rss_gb():5.1f} GB  {torch.get_num_threads()} thr  "
               f"load {os.getloadavg()[0]:.1f}] {msg}", flush=True)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"torch {torch.__version__}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model, report = quantize_model("sdxl", model_path=args.model_path, progress=progress, threads=args.threads)

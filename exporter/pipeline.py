@@ -61,6 +61,7 @@ class RunOptions:
     finetune_steps: int | None = None
     nvfp4: bool = False  # Linear layers quantized the NVFP4 way (quantize.QuantizeConfig.nvfp4)
     seed: int = 0
+    threads: int | None = None  # torch threads for the quantize math (None: quantize.DEFAULT_THREADS)
     # engine profiles: images per batch (classifier-free guidance doubles the UNet batch)
     batch: tuple[int, int, int] = (1, 1, 4)
     resolution: tuple[int, int, int] | None = None  # pixels (min, opt, max); None: preset default
@@ -99,6 +100,12 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _default_threads() -> int:
+    from .quantize import DEFAULT_THREADS  # torch is imported only when a stage needs it
+
+    return DEFAULT_THREADS
 
 
 def _path_fingerprint(path: str | None) -> dict | None:
@@ -272,13 +279,14 @@ class Pipeline:
             return stage_key("checkpoint", file_fingerprint(json_path)), json_path
         key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
                         o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
-                        o.calib_steps, o.finetune_steps, o.seed, o.nvfp4)
+                        o.calib_steps, o.finetune_steps, o.seed, o.nvfp4, o.threads or _default_threads())
 
         def produce():
             from .quantize import QuantizeConfig
 
             cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples, calib_steps=o.calib_steps,
-                                 finetune_steps=o.finetune_steps, nvfp4=o.nvfp4, seed=o.seed)
+                                 finetune_steps=o.finetune_steps, nvfp4=o.nvfp4, seed=o.seed,
+                                 threads=o.threads)
             self.model = self._call(quantize_stage, o.model, cfg, o.model_path, self.out / "checkpoint",
                                     o.quiet, keep=not o.isolate)
             return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]

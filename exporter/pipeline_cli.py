@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
-from .quantize_cli import NVFP4_HELP
+from .quantize_cli import NVFP4_HELP, THREADS_HELP
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
 
@@ -68,6 +68,7 @@ def register(sub) -> None:
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
     g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP + " (use with --sm 120 or --target native)")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     g = p.add_argument_group("export and engine profiles")
     prec = g.add_mutually_exclusive_group()
     prec.add_argument("--fp16", dest="fp16", action="store_true", default=None,
@@ -117,7 +118,7 @@ def _run(args) -> int:
                       verify=args.verify, isolate=args.isolate, fp16=args.fp16,
                       calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, nvfp4=args.nvfp4, seed=args.seed,
-                      batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
+                      threads=args.threads, batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)
     return EXIT_OK
 

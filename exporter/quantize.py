@@ -12,6 +12,7 @@ in the quantized layers (``w_quant``, ``a_quant``, ``smooth``, ``lora``) and in
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -70,7 +71,7 @@ class QuantizeConfig:
     seed: int = 0
     device: str | None = None
     evaluate: bool | None = None  # end-to-end metrics (None: only for models < 200 M parameters)
-    threads: int | str | None = None  # CPU threads: None = leave torch's setting, "auto" = the free cores
+    threads: int | None = None  # torch CPU threads for calibration, evaluation, fine-tuning (None: DEFAULT_THREADS)
 
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
@@ -90,8 +91,9 @@ class QuantizeConfig:
                 raise UserError(f"{flag} must be a positive integer, got {value!r}")
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise UserError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
-        if not (self.threads in (None, "auto") or (isinstance(self.threads, int) and self.threads >= 1)):
-            raise UserError(f"--threads must be 'auto' or a positive integer, got {self.threads!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
+                                         or self.threads < 1):
+            raise UserError(f"--threads must be a positive integer, got {self.threads!r}")
         for name in ("include", "exclude"):
             value = getattr(self, name)
             if value:
@@ -157,32 +159,32 @@ def _json_safe(obj):
     return obj
 
 
-class AutoThreads:
-    """Use the CPU cores other processes leave free, re-checked as the stage goes.
+#: torch CPU threads for the quantize stage's float math. A float reduction's result depends on how
+#: it is split over threads (measured: the sdxl-tiny UNet's outputs and gradients differ with 1, 2,
+#: 3 and 4 threads), so the thread count is part of the command, never taken from the machine:
+#: the same command gives the same checkpoint on a 2-core laptop and a 64-core server.
+DEFAULT_THREADS = 1
 
-    On a shared machine OpenMP threads that outnumber the free cores busy-wait
-    for each other and run several times slower than one thread (measured
-    here: a layer search 8 s with 2 threads vs 0.5 s with 1 while other jobs
-    held the cores). Others' load = 1-minute load average minus our own CPU use.
-    """
 
-    def __init__(self):
-        self.cores = os.cpu_count() or 1
-        self._wall, self._cpu = time.monotonic(), sum(os.times()[:2])
-        self.update()
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch on ``n`` intra-op threads, then restore the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
-    def update(self) -> int:
-        wall, cpu = time.monotonic(), sum(os.times()[:2])
-        ours = (cpu - self._cpu) / (wall - self._wall) if wall - self._wall > 1.0 else 0.0
-        self._wall, self._cpu = wall, cpu
-        try:
-            others = max(0.0, os.getloadavg()[0] - ours)
-        except OSError:
-            others = 0.0
-        threads = max(1, min(self.cores, int(self.cores - others + 0.5)))
-        if threads != torch.get_num_threads():
-            torch.set_num_threads(threads)
-        return threads
+
+def search_workers() -> int:
+    """Parallel layer searches: the cores this process may run on (its CPU affinity, so a
+    ``taskset`` or a container's CPU set counts). Each search is single-threaded, so its result
+    does not depend on this number."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _median(v: list[float]) -> float:
@@ -299,14 +301,17 @@ def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *
     preset = get_preset(preset) if isinstance(preset, str) else preset
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(cfg.threads, int):
-        torch.set_num_threads(cfg.threads)
-    auto = AutoThreads() if cfg.threads == "auto" else None
+    if cfg.threads is None:
+        cfg = dataclasses.replace(cfg, threads=DEFAULT_THREADS)  # the report records what ran
+    with torch_threads(cfg.threads):
+        return _quantize(preset, cfg, model_path, model, progress)
 
-    def say(msg: str) -> None:  # progress points double as moments to re-check the free cores
-        if auto is not None:
-            auto.update()
+
+def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model: nn.Module | None,
+              progress: Callable[[str], None] | None):
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    def say(msg: str) -> None:
         if progress is not None:
             progress(msg)
 
@@ -329,8 +334,7 @@ def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *
 
     t = time.perf_counter()
     space = cfg.search_space()
-    workers = {None: torch.get_num_threads(), "auto": os.cpu_count() or 1}.get(cfg.threads, cfg.threads)
-    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=workers)
+    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers())
     rows = layer_rows(model, choices)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t

@@ -19,6 +19,8 @@ from .cli import EXIT_OK, UserError
 NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static "
               "signed e2m1 activations) so the native target runs them on FP4 tensor cores; "
               "convolutions keep MSFP")
+THREADS_HELP = ("torch CPU threads for calibration and fine-tuning math (default 1). The checkpoint depends "
+                "on this number and not on the machine; layer searches use every core either way")
 
 
 def register(subparsers) -> None:
@@ -66,8 +68,7 @@ def register(subparsers) -> None:
     g.add_argument("--adapters", type=int, default=4, metavar="K", help="TALoRA adapters per layer (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, latents and embeddings")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", default="auto", type=lambda v: v if v == "auto" else int(v),
-                   help="CPU threads: a number, or 'auto' (default) for the cores other processes leave free")
+    p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     p.add_argument("--quiet", action="store_true", help="print only the checkpoint path")
     p.set_defaults(func=run)
 

@@ -47,6 +47,7 @@ def test_w4a8_and_w4a16(tmp_path, scheme, a_format):
     (["quantize", "sdxl-tiny", "--w4a4", "--adapters", "0"], "--adapters (TALoRA K) must be a positive integer, got 0"),
     (["quantize", "sdxl-tiny", "--w4a4", "--calib-samples", "0"], "--calib-samples must be a positive integer"),
     (["quantize", "sdxl-tiny", "--w4a4", "--include", "("], "not a valid regular expression"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--threads", "0"], "--threads must be a positive integer, got 0"),
 ])
 def test_bad_input_is_one_line_with_an_exit_code(capsys, monkeypatch, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)  # the default --out is models/<MODEL>-<scheme> under the current folder
@@ -77,3 +78,27 @@ def test_list_shows_the_presets(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "sdxl-tiny" in out and "Stable Diffusion XL base 1.0" in out
+
+
+def test_the_checkpoint_depends_on_the_command_not_on_the_machine(tmp_path):
+    """One core vs a torch started with 3 threads: the same bytes. Fine-tuning is included, since its
+    backward pass is where the thread count changed results before."""
+    import shutil
+
+    args = ["quantize", "sdxl-tiny", "--w4a4", *SMALL, "--finetune-steps", "2", "--quiet"]
+
+    def run(name, prefix=(), omp="1", extra=()):
+        r = subprocess.run([*prefix, sys.executable, "-m", "exporter.cli", *args, *extra, "--out", name],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                           env={**os.environ, "OMP_NUM_THREADS": omp})
+        assert r.returncode == 0, r.stderr
+        folder = tmp_path / name
+        metrics = json.loads((folder / "quantize_report.json").read_text())["metrics"]
+        return (folder / "quantized.safetensors").read_bytes(), metrics
+
+    one_core = run("one", prefix=("taskset", "-c", "0") if shutil.which("taskset") else ())
+    three = run("three", omp="3")
+    assert one_core[0] == three[0] and one_core[1] == three[1]
+    assert one_core[1]["finetuned_dfa_loss"] > 0
+    # the check can fail: another thread count is another (valid) checkpoint
+    assert run("two", extra=("--threads", "2"))[0] != one_core[0]
