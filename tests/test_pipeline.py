@@ -193,3 +193,84 @@ def test_a_disk_too_small_for_the_job_is_named_before_it_starts(tmp_path, monkey
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=int(100e9)))
     pipeline._warn_if_disk_is_short(p)
     assert capsys.readouterr().out == ""
+
+
+# -- the end-to-end criterion has teeth: planted bugs fail it, ORT's optimizations pass it ---------
+
+def _verify_planted(tiny_export, tmp_path, edit=None, manifest_edit=None, optimize=False):
+    """verify (reference graph only, no per-layer check) on a copy of the tiny export whose
+    reference.onnx initializers ``edit(name -> array)`` may change."""
+    import shutil
+
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from exporter.verify import verify_export
+
+    src, _, _ = tiny_export
+    out = tmp_path / "planted"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("plugin.onnx*", "verify"))
+    m = json.loads((out / "manifest.json").read_text())
+    m["artifacts"].pop("plugin_onnx", None)
+    if manifest_edit:
+        manifest_edit(m, tmp_path)
+    (out / "manifest.json").write_text(json.dumps(m))
+    if edit:
+        ref = out / m["artifacts"]["reference_onnx"]
+        model = onnx.load(str(ref))
+        inits = {i.name: i for i in model.graph.initializer}
+        for name, value in edit({n: numpy_helper.to_array(i) for n, i in inits.items()}).items():
+            inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        for f in ref.parent.glob(ref.name + "*"):
+            f.unlink()
+        onnx.save(model, str(ref), save_as_external_data=True, location=ref.name + ".data")
+    return verify_export(out, steps=2, layers=False, quiet=True, optimize=optimize)
+
+
+PLANTED = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight.dequantized_per_adapter"
+
+
+@pytest.mark.slow
+def test_a_wrong_scale_in_one_layer_fails_the_criterion(tiny_export, tmp_path):
+    report = _verify_planted(tiny_export, tmp_path, edit=lambda w: {PLANTED: w[PLANTED] * 1.25})
+    assert not report["passed"], report["checks"]
+    assert report["failed"][0].startswith("reference")
+
+
+@pytest.mark.slow
+def test_two_talora_adapters_swapped_fail_the_criterion(tiny_export, tmp_path):
+    def swap(w):
+        table, per_adapter = w["adapter_table"].copy(), w[PLANTED]
+        # after a short fine-tuning some adapters are still equal: swap 0 with one that is not
+        other = next(a for a in range(1, per_adapter.shape[0]) if not np.array_equal(per_adapter[a], per_adapter[0]))
+        zero, moved = table == 0, table == other
+        table[zero], table[moved] = other, 0
+        return {"adapter_table": table}
+
+    import numpy as np
+
+    report = _verify_planted(tiny_export, tmp_path, edit=swap)
+    assert not report["passed"], report["checks"]
+    assert any("agreement" in f or "divergence" in f for f in report["failed"]), report["failed"]
+
+
+@pytest.mark.slow
+def test_a_user_lora_the_graph_lacks_fails_the_criterion(tiny_export, tmp_path):
+    def add_lora(manifest, folder):
+        g = torch.Generator().manual_seed(0)
+        name = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+        lora = folder / "dropped.safetensors"
+        save_file({f"{name}.lora_A.weight": torch.randn(4, 64, generator=g),
+                   f"{name}.lora_B.weight": torch.randn(64, 4, generator=g)}, lora)
+        manifest["loras"] = [{"file": str(lora)}]  # PyTorch gets it, the graph never did
+
+    report = _verify_planted(tiny_export, tmp_path, manifest_edit=add_lora)
+    assert not report["passed"], report["checks"]
+
+
+@pytest.mark.slow
+def test_ort_graph_optimizations_pass_the_criterion(tiny_export, tmp_path):
+    report = _verify_planted(tiny_export, tmp_path, optimize=True)
+    assert report["passed"], report["failed"]
+    assert report["ort_optimizations"]
