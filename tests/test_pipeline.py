@@ -240,6 +240,8 @@ def test_a_wrong_scale_in_one_layer_fails_the_criterion(tiny_export, tmp_path):
 
 @pytest.mark.slow
 def test_two_talora_adapters_swapped_fail_the_criterion(tiny_export, tmp_path):
+    import numpy as np
+
     def swap(w):
         table, per_adapter = w["adapter_table"].copy(), w[PLANTED]
         # after a short fine-tuning some adapters are still equal: swap 0 with one that is not
@@ -247,8 +249,6 @@ def test_two_talora_adapters_swapped_fail_the_criterion(tiny_export, tmp_path):
         zero, moved = table == 0, table == other
         table[zero], table[moved] = other, 0
         return {"adapter_table": table}
-
-    import numpy as np
 
     report = _verify_planted(tiny_export, tmp_path, edit=swap)
     assert not report["passed"], report["checks"]
