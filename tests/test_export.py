@@ -104,6 +104,7 @@ def hand_unet_export(tmp_path_factory):
 @pytest.mark.slow
 def test_hand_quantized_unet_matches_pytorch_at_timesteps_of_different_adapters(hand_unet_export):
     from exporter.export import adapter_index
+    from exporter.parity import DIVERGENCE_TOL, end_to_end, onnx_runner
 
     model, table, path = hand_unet_export
     onnx.checker.check_model(str(path), full_check=True)
@@ -111,11 +112,14 @@ def test_hand_quantized_unet_matches_pytorch_at_timesteps_of_different_adapters(
                                lambda t: int(adapter_index(table, torch.tensor(t))), 16, 7, table)
     for batch, hw, text in [(1, 8, 5), (3, 24, 20)]:  # dynamic batch, size and text length
         inputs = unet_example_inputs(model, batch=batch, height=hw, width=hw, text_len=text, seed=1)
-        report = parity(model, path, inputs, call=unet_call, adapter_table=table, layers=False)
-        # other shapes change fp32 summation order upstream (attention, norms); a value that then
-        # crosses a rounding midpoint flips one 4-bit code, a full step, and 79 quantized layers
-        # carry it on: looser than the same-shape bound, which the layer-by-layer check pins down
-        assert report.whole.rel_l2 <= 2e-2, (batch, hw, text, report.summary())
+        # other shapes change fp32 summation order upstream (attention, norms), and how much depends
+        # on the CPU's kernels (measured: rel L2 0.003 on one machine, 0.29 on another); a value that
+        # then crosses a rounding midpoint flips one 4-bit code, and 79 quantized layers carry it on.
+        # So end to end the export may be another draw of the same quantization noise, never farther
+        # from PyTorch than that noise itself (docs/parity.md); the layer check above is the sharp one.
+        (s,) = end_to_end(model, {"ort": onnx_runner(path)}, [(1, inputs)], call=unet_call,
+                          adapter_table=table)["ort"]
+        assert s.divergence <= DIVERGENCE_TOL * s.quant_err, (batch, hw, text, s)
 
 
 @pytest.mark.slow
@@ -296,7 +300,10 @@ def test_single_quantized_layer_same_in_onnx_runtime_and_reference_evaluator(tmp
     export_layer(layer, x, path, adapter=2)
     feeds = {"x": x.numpy(), "timestep": np.zeros((), np.float32)}
     diffs = layer_onnx_vs_reference_evaluator(path, feeds)
-    assert diffs["y"].max_abs == 0.0
+    # the same codes: what is left is the fp32 GEMM's summation order, which differs between ONNX
+    # Runtime's and numpy's kernels on some CPUs (measured: 2.4e-7, one ulp); one flipped 4-bit
+    # code would move y by a whole step times a weight, about 1e-2 here
+    assert diffs["y"].max_abs <= 1e-5 and diffs["y"].rel_l2 <= 1e-6, diffs["y"]
     sel.select(2)
     with torch.no_grad():
         np.testing.assert_allclose(run_onnx(path, feeds)["y"], layer(x).numpy(), rtol=1e-5, atol=1e-6)
