@@ -119,8 +119,13 @@ def _(codes, scale, zero_point, signed, ebits, mbits, channel_bits, dtype):
     return torch.empty_like(codes, dtype=dtype)
 
 
-def _register_schemas() -> None:
-    """onnxscript builds custom-domain nodes only for ops with a registered schema."""
+@contextlib.contextmanager
+def _registered_schemas():
+    """Our ops' schemas in ONNX's global registry while torch.onnx exports (onnxscript builds
+    custom-domain nodes only for ops with a registered schema), then removed again: a schema has
+    no type inference, and ONNX's shape inference prefers a schema to the model's function body,
+    so left registered it would leave every QuantizeFP/DequantizeFP output untyped for the rest of
+    the process (graph passes' checks failed after any export in the same process)."""
     from onnx.defs import OpSchema
 
     def p(name, typ, optional=False):
@@ -148,15 +153,19 @@ def _register_schemas() -> None:
                  type_constraints=[("T", floatish, ""), ("S", floatish, "")],
                  attributes=fmt_attrs + [attr("table", floats), attr("output_dtype", int_)]),
     ]
-    for schema in schemas:
-        if not onnx.defs.has(schema.name, schema.domain):
-            onnx.defs.register_schema(schema)
+    added = [sc for sc in schemas if not onnx.defs.has(sc.name, sc.domain)]
+    for schema in added:
+        onnx.defs.register_schema(schema)
+    try:
+        yield
+    finally:
+        for schema in added:
+            onnx.defs.deregister_schema(schema.name, schema.since_version, schema.domain)
 
 
 def _translations() -> dict:
     from onnxscript import values
 
-    _register_schemas()
     ee = values.Opset(onnx_ops.DOMAIN, onnx_ops.DOMAIN_VERSION)
 
     def fmt_attrs(signed, ebits, mbits, channel_bits):
@@ -499,7 +508,7 @@ def export_onnx(model: nn.Module, example_inputs: Mapping[str, torch.Tensor], pa
     model.eval()
     try:
         with export_mode(model), _talora_hooks_detached(model), torch.no_grad(), \
-                _quiet_torch_onnx():
+                _quiet_torch_onnx(), _registered_schemas():
             program = torch.onnx.export(
                 wrapper, args, dynamo=True, input_names=list(example_inputs),
                 output_names=list(output_names), dynamic_shapes=(shapes,) if shapes else None,

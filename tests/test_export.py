@@ -408,3 +408,17 @@ def test_cli_rejects_a_folder_that_is_not_a_checkpoint_and_an_unwritable_out(tmp
     blocker.write_text("x")
     assert _cli("export", "sdxl-tiny", "--out", blocker / "o") == 4
     assert "not writable" in capsys.readouterr().err
+
+
+def test_an_export_leaves_onnx_shape_inference_of_our_ops_working(tmp_path):
+    """torch.onnx needs our ops' schemas registered while it exports; left registered, ONNX's
+    shape inference would take the (inference-less) schema over a model's function body, and
+    every pass check in the same process would fail on untyped QuantizeFP outputs."""
+    model = onnx_ops.qdq_model("e2m1", ["n", 16])
+    onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    layer = QuantLinear(torch.nn.Linear(16, 8), w_fmt="e2m1", a_fmt="e2m1")
+    export_layer(layer, torch.randn(2, 16), tmp_path / "layer.onnx")
+    assert not onnx.defs.has("QuantizeFP", onnx_ops.DOMAIN)
+    inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    # QuantizeFP's scale output: typed only by inferring through the function body
+    assert {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}["s_used"] == onnx.TensorProto.FLOAT
