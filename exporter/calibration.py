@@ -12,7 +12,8 @@ samples, per-input-channel min/max, and keep a seeded subsample of input rows
 Text conditioning comes from a ``.safetensors`` file of precomputed
 embeddings (``encoder_hidden_states`` [N, L, D], ``text_embeds`` [N, P],
 optional ``time_ids`` [N, 6]; sample i uses row i mod N) or, by default, seeded
-standard-normal tensors of the right shapes.
+standard-normal tensors of the right shapes. UNets without ``text_time`` added
+conditioning (SD 1.x/2.x style) take only ``encoder_hidden_states``.
 """
 from __future__ import annotations
 
@@ -126,28 +127,39 @@ def make_scheduler(kind: str, config: dict):
 
 
 def text_conditioning(preset: Preset, n: int, path: str | None, seed: int, text_len: int | None = None):
-    """(encoder_hidden_states [n, L, D], text_embeds [n, P]) from ``path`` or seeded N(0, 1)."""
+    """(encoder_hidden_states [n, L, D], text_embeds [n, P], time_ids [n, 6]) from ``path`` or
+    seeded N(0, 1); text_embeds is None for UNets without text_time, time_ids when not given."""
     cfg = preset.config()
     D, P, L = cfg["cross_attention_dim"], preset.text_embeds_dim, text_len or preset.text_len
     if path is None:  # one generator per sample: sample i is the same whatever n is
         gens = [torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (i + 1)) for i in range(n)]
         ehs = torch.stack([torch.randn(L, D, generator=g) for g in gens])
-        return ehs, torch.stack([torch.randn(P, generator=g) for g in gens]), None
+        pooled = None if P is None else torch.stack([torch.randn(P, generator=g) for g in gens])
+        return ehs, pooled, None
     from safetensors.torch import load_file
 
     try:
         data = load_file(path)
     except Exception as err:
         raise UserError(f"--calib-embeddings {path}: not a readable safetensors file ({err})") from None
-    if "encoder_hidden_states" not in data or "text_embeds" not in data:
-        raise UserError(f"--calib-embeddings {path}: needs tensors 'encoder_hidden_states' [N, L, {D}] "
-                        f"and 'text_embeds' [N, {P}]; found {sorted(data)}")
-    ehs, pooled = data["encoder_hidden_states"].float(), data["text_embeds"].float()
-    if ehs.dim() != 3 or ehs.shape[-1] != D or pooled.dim() != 2 or pooled.shape[-1] != P \
-            or pooled.shape[0] != ehs.shape[0]:
-        raise UserError(f"--calib-embeddings {path}: shapes {tuple(ehs.shape)} / {tuple(pooled.shape)} do not "
-                        f"fit {preset.name} (expected [N, L, {D}] and [N, {P}])")
+    needs = ["encoder_hidden_states"] + ([] if P is None else ["text_embeds"])
+    if any(k not in data for k in needs):
+        raise UserError(f"--calib-embeddings {path}: needs tensors 'encoder_hidden_states' [N, L, {D}]"
+                        + ("" if P is None else f" and 'text_embeds' [N, {P}]") + f"; found {sorted(data)}")
+    ehs = data["encoder_hidden_states"].float()
+    if ehs.dim() != 3 or ehs.shape[0] < 1:
+        raise UserError(f"--calib-embeddings {path}: encoder_hidden_states has shape {tuple(ehs.shape)}, "
+                        f"expected [N, L, {D}]")
+    if ehs.shape[-1] != D:
+        raise UserError(f"--calib-embeddings {path}: encoder_hidden_states are {ehs.shape[-1]} wide but the "
+                        f"UNet's cross_attention_dim is {D}; encode the prompts with this model's text encoder(s)")
     idx = torch.arange(n) % ehs.shape[0]
+    if P is None:
+        return ehs[idx], None, None
+    pooled = data["text_embeds"].float()
+    if pooled.dim() != 2 or pooled.shape[-1] != P or pooled.shape[0] != ehs.shape[0]:
+        raise UserError(f"--calib-embeddings {path}: text_embeds has shape {tuple(pooled.shape)}, expected "
+                        f"[{ehs.shape[0]}, {P}] (one pooled embedding per encoder_hidden_states row)")
     time_ids = data.get("time_ids")
     return ehs[idx], pooled[idx], (time_ids.float()[idx] if time_ids is not None else None)
 
@@ -188,9 +200,9 @@ def collect_calibration(model: nn.Module, preset: Preset, cfg: CalibConfig,
                 "sample": sched.scale_model_input(latents, t).float(),
                 "timestep": torch.tensor(float(t)),
                 "encoder_hidden_states": ehs,
-                "text_embeds": pooled,
-                "time_ids": time_ids,
             }
+            if pooled is not None:  # text_time (SDXL-style) added conditioning
+                inputs.update(text_embeds=pooled, time_ids=time_ids)
             with torch.no_grad():
                 eps = run_unet(model, {k: v.to(device) for k, v in inputs.items()}).float().cpu()
             records.append(CalibRecord(i, float(t), inputs, eps, dfa[i]))

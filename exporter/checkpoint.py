@@ -5,7 +5,8 @@
 widths, activation scales and zero points, smoothing factors, LoRA / TALoRA
 adapters, the TALoRA router and its frozen table. ``DIR/quantized.json``
 says how to rebuild the model around them: preset and base config (with its
-hash), scheme, and per layer the weight format, activation format and mode,
+hash; ``config_source`` names the user's folder when that config came from one, and then the
+base config defines the model), scheduler, scheme, and per layer the weight format, activation format and mode,
 the AAL flag, smoothing and LoRA configuration. docs/quantization.md
 documents the format for users who quantize elsewhere.
 
@@ -92,12 +93,14 @@ def checkpoint_config(model: nn.Module, report=None) -> dict:
     if info is None:
         raise ValueError("model has no quantization info: quantize it with exporter.quantize.quantize_model "
                          "or load it with load_checkpoint")
-    preset = get_preset(info["preset"])
+    # older in-memory models carry no base_config: the named preset's bundled one
+    model_fields = {k: info[k] for k in ("base_config", "config_source", "scheduler") if k in info} \
+        or get_preset(info["preset"]).checkpoint_fields()
     layers = {name: _layer_entry(name, layer) for name, layer in quant_layers(model)}
     cfg = {
         "format": FORMAT_NAME, "version": FORMAT_VERSION,
         "preset": info["preset"], "scheme": info["scheme"],
-        "base_config": preset.config(), "base_config_hash": info["base_config_hash"],
+        **model_fields, "base_config_hash": info["base_config_hash"],
         "random_weights": bool(info.get("random_weights", False)),
         "tensors": {"file": TENSORS_NAME},
         "layers": layers,
@@ -172,6 +175,7 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     if missing:
         raise UserError(f"checkpoint {folder}: {JSON_NAME} lacks {', '.join(repr(k) for k in missing)}")
     preset = get_preset(preset or cfg["preset"]) if not hasattr(preset, "config") else preset
+    preset = preset.for_checkpoint(cfg)  # a model from a user's folder: its config, not the preset's
     _check_base_config(cfg, preset, folder)
     tensor_file = folder / cfg["tensors"]["file"]
     if not tensor_file.is_file():
@@ -252,7 +256,7 @@ def load_checkpoint(path: str | Path, preset=None, device: str = "cpu", verify: 
     model.load_state_dict(stored, strict=True, assign=True)
     model.quantization = {"preset": cfg["preset"], "scheme": cfg["scheme"],
                           "base_config_hash": cfg["base_config_hash"],
-                          "random_weights": cfg.get("random_weights", False)}
+                          "random_weights": cfg.get("random_weights", False), **preset.checkpoint_fields()}
     model = model.eval().requires_grad_(False).to(device)
     if ctrl is not None:
         ctrl.attach(model)

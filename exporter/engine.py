@@ -62,11 +62,30 @@ class BuildResult:
     module: str
     sm: str | None
     warnings: list[str] = field(default_factory=list)
+    #: the builder's per-engine-layer lines (exporter.engine_report parses them)
+    layer_lines: list[str] = field(default_factory=list)
 
 
 def _logger(trt: ModuleType, quiet: bool):
-    severity = trt.Logger.ERROR if quiet else trt.Logger.WARNING
-    return trt.Logger(severity)
+    """A logger that prints warnings and errors (errors only with quiet) and keeps the verbose
+    per-layer lines the builder prints after a build (``Name: ..., LayerType: ...``): the only
+    record, without a GPU to deserialize the engine on, of which layers run in which precision."""
+    from .engine_report import is_layer_line
+
+    show = trt.Logger.ERROR if quiet else trt.Logger.WARNING
+
+    class LayerLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.layer_lines: list[str] = []
+
+        def log(self, severity, msg):
+            if "LayerType: " in msg:  # one message holds all of them, a line each
+                self.layer_lines.extend(line for line in msg.splitlines() if is_layer_line(line))
+            elif int(severity) <= int(show):
+                print(f"[{trt.__name__}] {msg}", flush=True)
+
+    return LayerLogger()
 
 
 def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, sm: int | str | None = None,
@@ -101,6 +120,7 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise EngineBuildError(f"{trt.__name__} could not parse {onnx_path}:\n  " + "\n  ".join(errors))
     config = builder.create_builder_config()
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer lines with ONNX names
     sm_name = None
     if sm is not None:
         if not is_rtx(trt):
@@ -137,7 +157,8 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, s
     if timing_cache is not None:
         with atomic_path(timing_cache) as tmp:
             tmp.write_bytes(memoryview(config.get_timing_cache().serialize()))
-    return BuildResult(engine_path, time.time() - start, nbytes, trt.__name__, sm_name)
+    return BuildResult(engine_path, time.time() - start, nbytes, trt.__name__, sm_name,
+                       layer_lines=logger.layer_lines)
 
 
 def _profiles(network, profiles) -> list[dict]:

@@ -6,8 +6,9 @@ option redoes only the stages that depend on it. ``manifest.json`` describes the
 
     OUT/checkpoint/quantized.{json,safetensors}   quantize   (or --quantized CKPT)
     OUT/onnx/unet.onnx[.data]                     export     (QuantizeFP/DequantizeFP ops)
-    OUT/reference.onnx, plugin.onnx[, native.onnx] passes    (+ OUT/reports/passes_*.json)
-    OUT/engine/unet_<target>_sm<cc>.engine        build      (TensorRT or TensorRT-RTX)
+    OUT/reference.onnx, plugin.onnx, <build target>.onnx   passes  (+ OUT/reports/passes_*.json)
+    OUT/engine/unet_<target>_sm<cc>.engine        build      (TensorRT or TensorRT-RTX;
+                                                  + OUT/reports/engine_layers.{json,md})
     OUT/verify/verify.{json,md,png}               verify
     OUT/manifest.json
 """
@@ -27,7 +28,9 @@ from .stages import StageCache, file_fingerprint, run_in_child, stage_key
 
 PIPELINE_VERSION = 1  # bump when a stage's output format changes: invalidates caches
 MANIFEST = "manifest.json"
-TARGETS = ("reference", "plugin", "native")
+TARGETS = ("reference", "plugin", "fp8", "native")  # graph_passes.targets.TARGETS (a test checks)
+#: compute capabilities from which TensorRT-RTX's default build is `native` (Blackwell: FP4)
+NATIVE_MIN_SM = 100
 #: models above this size are not verified by the main command (run `export-engine verify`)
 VERIFY_AUTO_MAX_PARAMS = 200_000_000
 #: models above this size are exported in fp16 unless --fp32: a 2.6 B-parameter UNet is 10 GB in fp32
@@ -60,6 +63,7 @@ class RunOptions:
     calib_steps: int | None = None
     finetune_steps: int | None = None
     nvfp4: bool = False  # Linear layers quantized the NVFP4 way (quantize.QuantizeConfig.nvfp4)
+    calib_embeddings: str | None = None  # .safetensors of text embeddings (calibration.text_conditioning)
     seed: int = 0
     threads: int | None = None  # torch threads for the quantize math (None: quantize.DEFAULT_THREADS)
     # engine profiles: images per batch (classifier-free guidance doubles the UNet batch)
@@ -127,6 +131,30 @@ def _preset(name: str):
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(PRESETS)} "
                         "(see `export-engine list`)", EXIT_INPUT)
     return PRESETS[name]
+
+
+def model_preset(name: str, model_path: str | None = None, quantized: str | Path | None = None):
+    """The preset for this run: a quantized checkpoint's own model, else a diffusers folder's
+    config (``--model-path DIR``), else the named preset's bundled architecture."""
+    preset = _preset(name)
+    if quantized:
+        from .checkpoint import read_checkpoint_config
+
+        return preset.for_checkpoint(read_checkpoint_config(quantized)[0])
+    return preset.for_model_path(model_path)
+
+
+def _embeddings_fingerprint(path: str | None, preset) -> str | None:
+    """sha256 of a --calib-embeddings file, checked against the model first (one-line errors)."""
+    if path is None:
+        return None
+    from .calibration import text_conditioning
+
+    if not Path(path).is_file():
+        raise UserError(f"--calib-embeddings {path} does not exist; make it as README.md (own weights) "
+                        "shows", EXIT_INPUT)
+    text_conditioning(preset, 1, path, 0)
+    return sha256_file(path)
 
 
 def _read_loras(specs: list[str], preset) -> list[tuple[str, dict]]:
@@ -249,7 +277,7 @@ class Pipeline:
         self.opts = opts
         self.out = opts.out_dir
         self.say = Progress(opts.quiet)
-        self.preset = _preset(opts.model)
+        self.preset = model_preset(opts.model, opts.model_path, opts.quantized)
         try:
             check_writable_dir(self.out)
         except PermissionError as err:
@@ -279,14 +307,15 @@ class Pipeline:
             return stage_key("checkpoint", file_fingerprint(json_path)), json_path
         key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
                         o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
-                        o.calib_steps, o.finetune_steps, o.seed, o.nvfp4, o.threads or _default_threads())
+                        o.calib_steps, o.finetune_steps, o.seed, o.nvfp4, o.threads or _default_threads(),
+                        _embeddings_fingerprint(o.calib_embeddings, self.preset))
 
         def produce():
             from .quantize import QuantizeConfig
 
             cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples, calib_steps=o.calib_steps,
                                  finetune_steps=o.finetune_steps, nvfp4=o.nvfp4, seed=o.seed,
-                                 threads=o.threads)
+                                 threads=o.threads, calib_embeddings=o.calib_embeddings)
             self.model = self._call(quantize_stage, o.model, cfg, o.model_path, self.out / "checkpoint",
                                     o.quiet, keep=not o.isolate)
             return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]
@@ -326,9 +355,11 @@ class Pipeline:
 
     # -- passes --------------------------------------------------------------------------------
     def targets_to_make(self) -> list[str]:
+        """reference and plugin (verify runs both) and the target the build step will use."""
         want = ["reference", "plugin"]
-        if self.opts.target == "native" or (self.opts.sm or 0) >= 100:
-            want.append("native")
+        build = self.opts.target or default_rtx_target(self.opts.sm or 89)
+        if build not in want:
+            want.append(build)
         return want
 
     def passes(self, upstream: str, onnx_path: Path) -> tuple[str, dict]:
@@ -373,11 +404,8 @@ class Pipeline:
             return "tensorrt", o.target or "plugin", None, "TensorRT on this GPU"
         if has_module("tensorrt_rtx"):
             sm = o.sm or 89
-            target = o.target or ("native" if sm >= 100 else "reference")
-            if target == "plugin":
-                raise UserError("TensorRT-RTX builds networks without plugin layers: use --target "
-                                "reference or native here, or build the plugin target on a GPU host "
-                                "with TensorRT (`export-engine build OUT`)", EXIT_INPUT)
+            target = o.target or default_rtx_target(sm)
+            check_rtx_target(target, sm)
             return "tensorrt_rtx", target, sm, f"TensorRT-RTX for SM{sm} (CPU build)"
         why = ("no TensorRT: neither `tensorrt` (with a CUDA GPU) nor `tensorrt_rtx` can be imported. "
                "Install tensorrt-rtx-cu13 to build here, or on a GPU host with TensorRT run "
@@ -394,8 +422,6 @@ class Pipeline:
         if target not in onnx_files:
             raise UserError(f"--target {target}: this export has no {target}.onnx (made: "
                             f"{', '.join(onnx_files)}); rerun with --target {target}", EXIT_INPUT)
-        from .engine import build_engine
-
         profile = profiles_for(self.preset, self.opts)
         plugin_libs: list[str] = []
         if module == "tensorrt" and target == "plugin":
@@ -411,17 +437,39 @@ class Pipeline:
             self.say(f"[build] {target} target with {why}: "
                      + {"reference": "FP4 numerics as standard ops (table decode, no FP4 hardware type)",
                         "plugin": "FP4Gemm plugin kernels (FP8/FP16 tensor cores)",
-                        "native": "NVFP4 (FLOAT4E2M1) where expressible, standard ops elsewhere"}[target])
+                        "fp8": "every quantized Linear/Conv on FP8 tensor cores (4-bit values exact in E4M3)",
+                        "native": "NVFP4 (FLOAT4E2M1) where expressible, FP8 for the other layers"}[target])
             timing = Path("models") / "timing.cache" if module == "tensorrt" else None
-            self._call(build_engine, onnx_files[target], engine, sm=sm, profiles=profile,
+            passes_report = self.out / "reports" / f"passes_{target}.json"
+            self._call(build_engine_with_report, onnx_files[target], engine, self.out / "reports",
+                       passes_report if passes_report.is_file() else None, sm=sm, profiles=profile,
                        plugin_libs=plugin_libs, quiet=self.opts.quiet, timing_cache=timing, trt_module=module)
-            return [str(engine.relative_to(self.out))]
+            return [str(engine.relative_to(self.out)), "reports/engine_layers.json", "reports/engine_layers.md"]
 
         res = self.cache.run("build", key, produce)
         self.say.stage("build", res)
         self.timings["build"] = res.seconds
+        layers = self.out / "reports" / "engine_layers.json"
+        if layers.is_file():
+            from .engine_report import summary_line
+
+            report = json.loads(layers.read_text())
+            self.say(f"[build] {summary_line(report)}")
+            self.estimate(onnx_files[target], target, profile, report)
         return {"engine": engine, "target": target, "sm": sm, "backend": module, "profile": profile,
                 "plugin_libs": plugin_libs}
+
+    def estimate(self, onnx_path: Path, target: str, profile: dict, report: dict) -> None:
+        """reports/roofline.json and its lines: an estimate, never a measurement (exporter.roofline)."""
+        import onnx
+
+        from .roofline import roofline, summary_lines
+
+        shapes = {name: list(opt) for name, (_, opt, _) in profile.items()}
+        est = roofline(onnx.load(str(onnx_path), load_external_data=False), shapes, target, report)
+        atomic_write_json(self.out / "reports" / "roofline.json", est)
+        for line in summary_lines(est):
+            self.say(f"[estimate] {line}")
 
     # -- manifest ------------------------------------------------------------------------------
     def write_manifest(self, checkpoint: Path, onnx_export: Path, onnx_files: dict,
@@ -472,6 +520,35 @@ class Pipeline:
         return manifest
 
 
+def default_rtx_target(sm: int) -> str:
+    """TensorRT-RTX's default target: native on Blackwell (FP4), else fp8 (Ada's FP8 tensor cores;
+    Turing / Ampere build it too, dequantized by TensorRT)."""
+    return "native" if sm >= NATIVE_MIN_SM else "fp8"
+
+
+def check_rtx_target(target: str, sm: int) -> None:
+    """Refuse, before any work, what TensorRT-RTX cannot build."""
+    if target == "plugin":
+        raise UserError("TensorRT-RTX builds networks without plugin layers: use --target fp8, "
+                        "reference or native here, or build the plugin target on a GPU host with "
+                        "TensorRT (`export-engine build OUT`)", EXIT_INPUT)
+    if target == "native" and sm < NATIVE_MIN_SM:
+        raise UserError(f"--target native holds FP4 types, which TensorRT-RTX builds only for "
+                        f"Blackwell (--sm 120); use --target fp8 for SM{sm}", EXIT_INPUT)
+
+
+def build_engine_with_report(onnx_path, engine, reports_dir, passes_report, **kwargs):
+    """build_engine, then reports/engine_layers.{json,md} from the builder's layer lines (one
+    function, so an isolated build returns no layer lines through the process boundary)."""
+    from .engine import build_engine
+    from .engine_report import read_rows, write_report
+
+    res = build_engine(onnx_path, engine, **kwargs)
+    write_report(reports_dir, res.layer_lines, read_rows(passes_report) if passes_report else None)
+    res.layer_lines = []
+    return res
+
+
 def _quant_summary(cfg: dict) -> dict:
     """Counts of weight / activation formats and features over the checkpoint's layers."""
     w, a, mixed, aal = {}, {}, 0, 0
@@ -518,10 +595,12 @@ def run(opts: RunOptions) -> dict:
     """The main command; returns the manifest."""
     if opts.target is not None and opts.target not in TARGETS:
         raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {opts.target!r}")
+    _check_sm(opts)
     t0 = time.perf_counter()
-    preset = _preset(opts.model)
     _path_fingerprint(opts.model_path)  # a missing --model-path fails before anything is written
+    preset = model_preset(opts.model, opts.model_path, opts.quantized)
     check_loras_fit(_read_loras(opts.loras, preset), preset)
+    _embeddings_fingerprint(opts.calib_embeddings, preset)
     p = Pipeline(opts)
     if p.opts.model_path is None and not opts.quantized:
         p.say(f"warning: no --model-path: {opts.model} is built with seeded random weights; this "
@@ -551,6 +630,20 @@ def run(opts: RunOptions) -> dict:
     return manifest
 
 
+def _check_sm(opts: RunOptions) -> None:
+    """A bad --sm or --target / --sm pair fails before any stage runs (not after the passes)."""
+    if not opts.build or (has_module("tensorrt") and cuda_available()) or not has_module("tensorrt_rtx"):
+        return
+    sm = opts.sm or 89
+    try:
+        from .engine import compute_capability, load_tensorrt
+
+        compute_capability(load_tensorrt("tensorrt_rtx"), sm)
+    except ValueError as err:
+        raise UserError(f"--sm {sm}: {err}", EXIT_INPUT) from None
+    check_rtx_target(opts.target or default_rtx_target(sm), sm)
+
+
 def _warn_if_disk_is_short(p: Pipeline) -> None:
     """Say so up front when the out dir's disk lacks room for what the job will write (an
     estimate, so a warning): a full disk otherwise surfaces minutes later as an OSError."""
@@ -577,8 +670,9 @@ def build_existing(out: str | Path, target: str | None = None, sm: int | None = 
     """`export-engine build OUT`: an engine from an existing export (TensorRT must be there)."""
     out = Path(out)
     manifest = read_manifest(out)
+    ckpt = out / manifest["artifacts"]["checkpoint"]
     opts = RunOptions(model=manifest["model"], scheme=manifest.get("scheme", "w4a4"), out=str(out),
-                      target=target, sm=sm, force=force, quiet=quiet)
+                      target=target, sm=sm, force=force, quiet=quiet, quantized=str(ckpt))
     p = Pipeline(opts)
     files = {t: out / manifest["artifacts"][f"{t}_onnx"] for t in TARGETS
              if manifest["artifacts"].get(f"{t}_onnx")}
@@ -586,11 +680,27 @@ def build_existing(out: str | Path, target: str | None = None, sm: int | None = 
     if missing:
         raise UserError(f"{out}: the export is incomplete ({', '.join(missing)} missing); rerun "
                         f"`export-engine {manifest['model']} --{opts.scheme} --out {out}`", EXIT_INPUT)
+    want = target
+    if want is None and not (has_module("tensorrt") and cuda_available()) and has_module("tensorrt_rtx"):
+        want = default_rtx_target(sm or 89)
+    if want is not None and want not in files:  # an export from before this target: make it now
+        if has_module("tensorrt_rtx") and not (has_module("tensorrt") and cuda_available()):
+            check_rtx_target(want, sm or 89)
+        files[want] = _make_target(p, out / manifest["artifacts"]["export_onnx"], want)
     upstream = stage_key("existing", {t: file_fingerprint(f) for t, f in files.items()})
     engine = p.build(upstream, files, explicit=True)
-    ckpt = out / manifest["artifacts"]["checkpoint"]
     return p.write_manifest(ckpt, out / manifest["artifacts"]["export_onnx"], files, engine,
                             {k: v for k, v in manifest.items() if k in ("verify",)})
+
+
+def _make_target(p: Pipeline, export_onnx: Path, target: str) -> Path:
+    from graph_passes.targets import build_target
+
+    dest = p.out / f"{target}.onnx"
+    p.say(f"[passes] {target} target (not in this export yet)")
+    info = p._call(build_target, export_onnx, target, dest, quiet=p.opts.quiet)
+    atomic_write_json(p.out / "reports" / f"passes_{target}.json", info)
+    return dest
 
 
 def read_manifest(out: str | Path) -> dict:

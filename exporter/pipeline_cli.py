@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
-from .quantize_cli import NVFP4_HELP, THREADS_HELP
+from .pipeline import TARGETS
+from .quantize_cli import CALIB_EMBEDDINGS_HELP, NVFP4_HELP, THREADS_HELP
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
 
@@ -12,6 +13,8 @@ EPILOG = """examples:
   export-engine sdxl --w4a4                         SDXL (seeded random weights) -> engine
   export-engine sdxl --w4a4 --model-path ./sdxl-base-1.0     your weights (folder with unet/ or .safetensors)
   export-engine sdxl --w4a4 --lora style.safetensors:0.8     fold a LoRA into the quantized model
+  export-engine unet --w4a4 --model-path ./my-unet --calib-embeddings prompts.safetensors
+                                                    any diffusers UNet2DConditionModel folder
   export-engine sdxl-tiny --w4a4 --no-build && export-engine verify models/sdxl-tiny-w4a4
 exit codes: 0 ok, 2 usage, 3 bad input, 4 output not writable, 5 TensorRT missing, 6 over tolerance
 """
@@ -32,19 +35,21 @@ def register(sub) -> None:
                                    "build a TensorRT engine and verify it against PyTorch. Every "
                                    "stage is cached in the out dir.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", metavar="MODEL", help="model preset: sdxl, sdxl-tiny (`export-engine list`)")
+    p.add_argument("model", metavar="MODEL", help="model preset: sdxl, sdxl-tiny, or unet for any UNet "
+                   "folder given with --model-path (`export-engine list`)")
     scheme = p.add_mutually_exclusive_group()
     for s, what in (("w4a4", "4-bit FP weights and activations (default)"),
                     ("w4a8", "4-bit weights, 8-bit FP activations"), ("w4a16", "4-bit weights only")):
         scheme.add_argument(f"--{s}", dest="scheme", action="store_const", const=s, help=what)
-    p.add_argument("--model-path", metavar="P", help="SDXL weights: a diffusers folder (with unet/) or a "
-                   "single .safetensors checkpoint; default: seeded random weights")
+    p.add_argument("--model-path", metavar="P", help="weights: a diffusers folder (with unet/, or the unet "
+                   "folder itself), whose config.json defines the model, or a single .safetensors "
+                   "checkpoint of the preset's architecture (sdxl); default: seeded random weights")
     p.add_argument("--lora", metavar="FILE[:SCALE]", action="append", default=[],
                    help="fold a LoRA (diffusers/PEFT or kohya .safetensors) into the quantized model; repeatable")
     p.add_argument("--quantized", metavar="CKPT", help="start from a quantized checkpoint "
                    "(`export-engine quantize` output) instead of quantizing")
-    p.add_argument("--target", choices=("plugin", "native", "reference"),
-                   help="engine target (default: plugin with TensorRT on a GPU; reference for --sm 89 "
+    p.add_argument("--target", choices=TARGETS,
+                   help="engine target (default: plugin with TensorRT on a GPU; fp8 for --sm 89 "
                         "and native for --sm 120 with TensorRT-RTX)")
     p.add_argument("--sm", type=int, metavar="CC", help="compute capability for TensorRT-RTX CPU builds "
                    "(75, 80, 86, 89, 120, 121; default 89)")
@@ -67,6 +72,7 @@ def register(sub) -> None:
     g.add_argument("--calib-steps", type=int, metavar="N")
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
     g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP + " (use with --sm 120 or --target native)")
+    g.add_argument("--calib-embeddings", metavar="FILE", help=CALIB_EMBEDDINGS_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     g = p.add_argument_group("export and engine profiles")
@@ -87,7 +93,7 @@ def register(sub) -> None:
                        description="Build the engine for an export made with --no-build (or another "
                                    "target / SM). Needs `tensorrt` with a GPU, or `tensorrt_rtx`.")
     b.add_argument("out", metavar="OUT", help="the export folder (has manifest.json)")
-    b.add_argument("--target", choices=("plugin", "native", "reference"))
+    b.add_argument("--target", choices=TARGETS)
     b.add_argument("--sm", type=int, metavar="CC")
     b.add_argument("--force", action="store_true")
     b.add_argument("--quiet", action="store_true")
@@ -118,7 +124,8 @@ def _run(args) -> int:
                       verify=args.verify, isolate=args.isolate, fp16=args.fp16,
                       calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, nvfp4=args.nvfp4, seed=args.seed,
-                      threads=args.threads, batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
+                      calib_embeddings=args.calib_embeddings, threads=args.threads,
+                      batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)
     return EXIT_OK
 

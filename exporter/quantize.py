@@ -299,6 +299,7 @@ def quantize_model(preset: str | Preset, config: QuantizeConfig | None = None, *
     fine-tuned, and ``unet.quantization`` (a dict: preset, scheme, config hash).
     """
     preset = get_preset(preset) if isinstance(preset, str) else preset
+    preset = preset.for_model_path(model_path)  # a diffusers folder's config.json defines the UNet
     cfg = dataclasses.replace(config or QuantizeConfig(), **overrides)
     cfg.validate()
     if cfg.threads is None:
@@ -339,7 +340,8 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
-                          "base_config_hash": preset.config_hash(), "random_weights": random_weights}
+                          "base_config_hash": preset.config_hash(), "random_weights": random_weights,
+                          **preset.checkpoint_fields()}
 
     evaluate = cfg.evaluate
     if evaluate is None:

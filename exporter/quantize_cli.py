@@ -23,6 +23,11 @@ THREADS_HELP = ("torch CPU threads for calibration and fine-tuning math (default
                 "on this number and not on the machine; layer searches use every core either way")
 
 
+CALIB_EMBEDDINGS_HELP = (".safetensors of your prompts' text embeddings: encoder_hidden_states [N,L,D] "
+                         "(D = cross_attention_dim) and, for text_time UNets, text_embeds [N,P] "
+                         "(README: own weights; default: seeded random)")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "quantize", prog="export-engine quantize", help="MSFP-quantize a UNet (calibrate, search formats, fine-tune) into a checkpoint",
@@ -43,9 +48,7 @@ def register(subparsers) -> None:
                    help="sampler trajectories (default: preset, per device)")
     g.add_argument("--calib-steps", type=int, metavar="N", help="sampler steps per trajectory")
     g.add_argument("--calib-resolution", type=int, metavar="PX", help="image size in pixels (latent = PX/8)")
-    g.add_argument("--calib-embeddings", metavar="FILE",
-                   help=".safetensors with encoder_hidden_states [N,L,D] and text_embeds [N,P] "
-                        "(default: seeded random)")
+    g.add_argument("--calib-embeddings", metavar="FILE", help=CALIB_EMBEDDINGS_HELP)
     g.add_argument("--scheduler", choices=("euler", "ddim"), default="euler", help="sampler for the trajectories")
     g = p.add_argument_group("search")
     g.add_argument("--include", metavar="REGEX", help="quantize only layers whose name matches")

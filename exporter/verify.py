@@ -98,7 +98,7 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
     from .export import export_unet, find_adapter_table, unet_call
     from .parity import (QUALITY_TOL, e2e_timesteps, end_to_end, judge_end_to_end, onnx_runner,
                          ort_session, parity_at_timesteps)
-    from .pipeline import MANIFEST, _preset, _read_loras, read_manifest
+    from .pipeline import MANIFEST, _read_loras, model_preset, read_manifest
 
     out = Path(out)
     manifest = read_manifest(out)
@@ -107,9 +107,9 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
         if not isinstance(value, int) or value < 1:
             raise UserError(f"verify {name} must be a positive integer, got {value!r}")
     t0 = time.perf_counter()
-    preset = _preset(manifest["model"])
     arts = manifest["artifacts"]
     ckpt = Path(arts["checkpoint"]) if Path(arts["checkpoint"]).is_absolute() else out / arts["checkpoint"]
+    preset = model_preset(manifest["model"], quantized=ckpt)
     loras = _read_loras([l["file"] for l in manifest.get("loras", [])], preset)
     if model is None or next(model.parameters()).dtype != torch.float32 or loras:
         model = load_checkpoint(ckpt, preset=preset)

@@ -3,10 +3,14 @@
 Every key format ends up as ``{module_name: LoraDelta}`` where ``module_name`` is the diffusers
 UNet module path (``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q``) and the delta is
 ``scale * B @ A`` with A [rank, fan_in], B [out, rank] (conv LoRAs flattened to that shape).
-Kohya keys are renamed with diffusers' own converters, so every name diffusers understands works.
+Kohya keys in diffusers naming (``lora_unet_down_blocks_0_..._to_q``) are mapped from the model's
+own module names when its config is given, so they fit any UNet2DConditionModel; kohya keys in the
+original SGM naming (``lora_unet_input_blocks_*``, SDXL) and files read without a config go
+through diffusers' own converters.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -97,6 +101,40 @@ def _module_name(key_base: str) -> str:
     return key_base
 
 
+#: original SGM block names: such kohya files need diffusers' block renaming
+_SGM_BLOCKS = ("_input_blocks_", "_middle_block_", "_output_blocks_")
+
+
+@functools.lru_cache(maxsize=4)
+def _kohya_module_names(config_json: str) -> dict[str, str]:
+    """kohya name (``lora_unet_`` + the module path with ``_`` for ``.``) -> module path, for every
+    Linear/Conv2d of the UNet the config describes (built on the meta device: no memory)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(json.loads(config_json))
+    names: dict[str, str] = {}
+    for name, module in unet.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            names["lora_unet_" + name.replace(".", "_")] = name
+    return names
+
+
+def _from_kohya_by_module_names(tensors: dict, unet_config: dict, path: Path) -> dict:
+    """Rename kohya ``lora_unet_<module>.<factor>`` keys to ``<module path>.<factor>``."""
+    names = _kohya_module_names(json.dumps(unet_config, sort_keys=True))
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("lora_te"):  # text encoder LoRAs: not part of the UNet
+            continue
+        base, _, factor = key.partition(".")
+        if base not in names:
+            raise LoraFileError(f"LoRA file {path}: kohya key {key!r} names no Linear/Conv2d layer of this UNet")
+        out[names[base] + "." + factor] = value
+    return out
+
+
 def _from_kohya(tensors: dict, unet_config: dict | None) -> tuple[dict, dict]:
     """Rename kohya ``lora_unet_*`` keys with diffusers' converters; returns (tensors, alphas)."""
     import torch
@@ -124,10 +162,13 @@ def read_lora_file(path: str | Path, user_scale: float = 1.0,
         raise LoraFileError(f"LoRA file {path} holds no tensors")
     alphas: dict[str, float] = {}
     if any(k.startswith("lora_unet_") for k in tensors):
-        try:
-            tensors, alphas = _from_kohya(tensors, unet_config)
-        except ValueError as err:
-            raise LoraFileError(f"LoRA file {path}: kohya keys could not be converted ({err})") from None
+        if unet_config is not None and not any(b in k for k in tensors for b in _SGM_BLOCKS):
+            tensors = _from_kohya_by_module_names(tensors, unet_config, path)
+        else:
+            try:
+                tensors, alphas = _from_kohya(tensors, unet_config)
+            except ValueError as err:
+                raise LoraFileError(f"LoRA file {path}: kohya keys could not be converted ({err})") from None
     for key, value in tensors.items():
         if key.endswith(".alpha") and value.size == 1:
             alphas[key] = float(value)

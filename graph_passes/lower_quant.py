@@ -101,7 +101,7 @@ def _quantize(e: _Emitter, u: gs.Tensor, fmt: Format, want_codes: bool):
     return v, e.op("Cast", code, to=onnx.TensorProto.INT8, dtype=np.int8)
 
 
-def _dynamic_scale(e: _Emitter, xf: gs.Tensor, fmt: Format, axes: list[int]):
+def dynamic_scale(e: _Emitter, xf: gs.Tensor, fmt: Format, axes: list[int]):
     """(scale, zero point) per token, as the QuantizeFP body computes them (signed formats: the
     zero point is min * 0, a signed zero, which the body subtracts and adds back too)."""
     axes_t = e.const(axes, np.int64)
@@ -144,7 +144,7 @@ def _lower_activation_pair(graph: gs.Graph, q: gs.Node, dq: gs.Node) -> bool:
     e = _Emitter(graph, (q.name or codes_out.name) + "/lowered")
     xf = _as_f32(e, x)
     if dynamic:
-        s, z = _dynamic_scale(e, xf, fmt, [int(a) for a in q.attrs["axes"]])
+        s, z = dynamic_scale(e, xf, fmt, [int(a) for a in q.attrs["axes"]])
     else:  # z * (1 - signed), as the body: a signed format's zero point is a signed zero
         s = _as_f32(e, scale_in)
         z = e.const(_zero_term(q, zero_in.values)) if isinstance(zero_in, gs.Constant) else \

@@ -360,14 +360,15 @@ def to_native_fp4(graph: gs.Graph, ctx: PassContext) -> dict:
         plan, why = plan_layer(graph, layer)
         if plan is None:
             row = {"layer": layer.name, "target": "native", "impl": "reference ops", "why": why,
-                   "added_rel_l2": 0.0}
+                   "added_rel_l2": 0.0, "kind": layer.kind, "node": layer.op.name}
             cand = _dynamic_e2m1_candidate(graph, layer)
             if cand is not None:
                 row["nvfp4_dynamic_rel_l2"] = (measure_dynamic_alternative(layer.name, *cand, tokens, seed)
                                                if tokens > 0 else None)
             rows.append(row)
             continue
-        row = {"layer": layer.name, "target": "native", "impl": "nvfp4",
+        row = {"layer": layer.name, "target": "native", "impl": "nvfp4", "kind": layer.kind,
+               "node": f"{layer.name}/nvfp4/" + ("gemm" if layer.op.op == "Gemm" else "matmul"),
                "why": ("Linear with e2m1 weights (4 bit) and static per-tensor e2m1 activations: "
                        "FP4 codes as they are, FP8 block scales 1.0, channel scale after the GEMM"),
                "added_rel_l2": None}

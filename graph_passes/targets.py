@@ -1,12 +1,14 @@
-"""The three targets, from one pass pipeline over the export.
+"""The four targets, from one pass pipeline over the export.
 
 - ``reference``: standard ONNX ops only (our ops lowered by ``lower_quant``), weights dequantized
   to float constants; runs in ONNX Runtime and any TensorRT; exactly the quantized model's numerics.
 - ``plugin``: one ``FP4Gemm`` node per quantized Linear (our TensorRT plugin), packed weights;
   convolutions keep DequantizeFP on codes. No float copy of a quantized weight remains.
+- ``fp8``: every quantized Linear and Conv as FP8 E4M3 Q/DQ around its GEMM (Ada / Hopper FP8
+  tensor cores), numerics unchanged: our 4-bit values are E4M3 values (:mod:`graph_passes.fp8`).
 - ``native``: Blackwell NVFP4 (FLOAT4E2M1 weights, FP8 E4M3 block scales of 16) where a layer's
-  quantization is expressible natively, reference ops elsewhere; a per-layer report says which
-  layer got what and the error it adds (:mod:`graph_passes.native_fp4`).
+  quantization is expressible natively, FP8 as in ``fp8`` for the other layers; a per-layer
+  report says which layer got what and why (:mod:`graph_passes.native_fp4`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from .quantize_weights import quantize_weights
 
 log = logging.getLogger("export_engine.passes")
 
-TARGETS = ("reference", "plugin", "native")
+TARGETS = ("reference", "plugin", "fp8", "native")
 
 
 def target_passes(target: str) -> list:
@@ -35,10 +37,15 @@ def target_passes(target: str) -> list:
         return common + [lower_quant_fold_weights, cleanup]
     if target == "plugin":
         return common + [pack_mixed_precision, fuse_fp4_gemm, lower_quant, cleanup]
+    if target == "fp8":
+        from .fp8 import to_fp8
+
+        return common + [to_fp8, lower_quant, cleanup]
     if target == "native":
+        from .fp8 import to_fp8
         from .native_fp4 import to_native_fp4
 
-        return common + [to_native_fp4, lower_quant, cleanup]
+        return common + [to_native_fp4, to_fp8, lower_quant, cleanup]
     raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
 
 
@@ -65,9 +72,10 @@ def build_target(export_path: str | Path, target: str, out_path: str | Path, *,
 
     Returns ``{"target", "path", "data", "passes": [...], "layers": [...], "metadata": {...}}``.
     """
+    passes = target_passes(target)  # an unknown target fails before the export is read
     graph = load_graph(export_path)
-    ctx = PassContext(options={"user_loras": user_loras or []})
-    records = run_passes(graph, target_passes(target), ctx, check=check, quiet=quiet)
+    ctx = PassContext(options={"user_loras": user_loras or [], "target": target})
+    records = run_passes(graph, passes, ctx, check=check, quiet=quiet)
 
     def finish(model: onnx.ModelProto) -> onnx.ModelProto:
         model.producer_name = "export-engine"

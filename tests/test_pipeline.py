@@ -77,7 +77,8 @@ def test_rerun_comes_from_cache_and_verify_passes(tiny_export):
 @pytest.mark.slow
 def test_build_makes_a_tensorrt_rtx_engine_of_every_quantized_layer(tiny_export, tmp_path):
     """`export-engine build OUT` on a CPU: TensorRT-RTX builds the all-layers W4A4 + TALoRA
-    sdxl-tiny reference target for SM89 (the main command's default without a GPU)."""
+    sdxl-tiny fp8 target for SM89 (the main command's default without a GPU), and its layer
+    report shows every quantized Linear and Conv in FP8 but the per-token convolutions."""
     import shutil
 
     pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by the test setup")
@@ -89,7 +90,22 @@ def test_build_makes_a_tensorrt_rtx_engine_of_every_quantized_layer(tiny_export,
     m = json.loads((out / "manifest.json").read_text())
     engine = out / m["artifacts"]["engine"]
     assert engine.stat().st_size > 1_000_000 and m["hashes"][m["artifacts"]["engine"]]
-    assert "SM89" in stdout and "reference" in stdout
+    assert "SM89" in stdout and "fp8 target" in stdout and "engine layers" in stdout
+    report = json.loads((out / "reports" / "engine_layers.json").read_text())
+    rows = {r["layer"]: r for r in json.loads((out / "reports" / "passes_fp8.json").read_text())["layers"]}
+    for q in report["quantized"]:
+        if rows[q["layer"]]["impl"] == "fp8":
+            assert q["precision"] == "FP8", q
+    assert sum(q["precision"] == "FP8" for q in report["quantized"]) >= 0.9 * len(report["quantized"])
+
+
+def test_a_target_tensorrt_rtx_cannot_build_is_refused_before_any_work(capsys, tmp_path):
+    pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is installed by the test setup")
+    for argv, words in ((["--target", "native", "--sm", "89"], "Blackwell"), (["--sm", "90"], "SM89"),
+                        (["--target", "plugin"], "plugin layers")):
+        code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--out", str(tmp_path / "o"), *argv)
+        assert code == EXIT_INPUT and words in err and len(err.splitlines()) == 1, (argv, err)
+        assert not (tmp_path / "o").exists()
 
 
 def _errors(capsys, *argv):

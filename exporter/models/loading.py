@@ -59,29 +59,21 @@ def load_unet_weights(model: torch.nn.Module, path: str | os.PathLike, config: d
 
 def _diffusers_folder_files(root: Path, config: dict) -> list[Path]:
     """The weight files of the UNet in a diffusers pipeline folder (or a bare unet folder)."""
-    for folder in (root / "unet", root):
-        cfg_file = folder / "config.json"
-        if not cfg_file.is_file():
-            continue
-        try:
-            folder_cfg = json.loads(cfg_file.read_text())
-        except (OSError, ValueError) as err:
-            raise UserError(f"--model-path {folder}: unreadable config.json ({err})") from None
-        if folder_cfg.get("_class_name") != "UNet2DConditionModel":
-            continue
-        _check_config(folder_cfg, config, cfg_file)
-        for name in INDEX_NAMES:
-            index = folder / name
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return [folder / s for s in shards]
-        for name in WEIGHT_NAMES:
-            if (folder / name).is_file():
-                return [folder / name]
-        raise UserError(f"--model-path {folder}: has a UNet config.json but no "
-                        f"diffusion_pytorch_model[.fp16].safetensors weights")
-    raise UserError(f"--model-path {root}: no UNet found (expected unet/config.json with "
-                    f"_class_name UNet2DConditionModel, or a single-file .safetensors)")
+    from .folders import unet_folder
+
+    folder = unet_folder(root)
+    cfg_file = folder / "config.json"
+    _check_config(json.loads(cfg_file.read_text()), config, cfg_file)
+    for name in INDEX_NAMES:
+        index = folder / name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return [folder / s for s in shards]
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise UserError(f"--model-path {folder}: has a UNet config.json but no "
+                    f"diffusion_pytorch_model[.fp16].safetensors weights")
 
 
 def _check_config(found: dict, expected: dict, where: Path) -> None:
@@ -89,8 +81,9 @@ def _check_config(found: dict, expected: dict, where: Path) -> None:
             and _norm(found[k]) != _norm(expected[k])]
     if diff:
         k = diff[0]
-        raise UserError(f"--model-path {where}: UNet config does not match the preset "
-                        f"({k} is {found[k]!r}, expected {expected[k]!r}; {len(diff)} key(s) differ)")
+        raise UserError(f"--model-path {where}: UNet config does not match the model being built "
+                        f"({k} is {found[k]!r}, expected {expected[k]!r}; {len(diff)} key(s) differ); "
+                        f"the main command builds it from the folder's config")
 
 
 def _norm(v):

@@ -4,15 +4,23 @@ A preset is plain data plus a few small methods (diffusers style: the config is
 a JSON file bundled in ``exporter/models/configs/``, the model is built from it,
 weights are loaded separately). Adding ``sd15`` or a DiT later means one more
 :class:`Preset` entry and its config file.
+
+A user's diffusers folder brings its own ``config.json`` (:meth:`Preset.for_model_path`): the
+folder's config defines the UNet and the preset only supplies defaults (calibration sizes,
+scheduler, layers kept in higher precision). The generic ``unet`` preset has no architecture of
+its own and is used that way only.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,7 +64,7 @@ class CalibDefaults:
 
     samples: int
     steps: int
-    resolution: int  # pixels (latent = resolution / 8)
+    resolution: int | None  # pixels (latent = resolution / 8); None: the model's native size
     finetune_steps: int
     max_tokens: int  # calibration rows kept per layer for the search
 
@@ -67,24 +75,71 @@ class Preset:
 
     name: str
     description: str
-    config_file: str
+    config_file: str | None  # bundled config; None: the config comes from the user's folder
     keep_fp: str = SDXL_KEEP_FP
     scheduler: dict = field(default_factory=lambda: dict(SDXL_SCHEDULER))
     text_len: int = 77
     cpu: CalibDefaults = CalibDefaults(2, 4, 256, 0, 128)
     cuda: CalibDefaults = CalibDefaults(8, 10, 1024, 200, 512)
+    #: the UNet config of a user's model (see for_model_path); None: the bundled config_file
+    own_config: dict | None = None
+    #: where own_config came from (a folder), recorded in checkpoints
+    config_source: str | None = None
 
     # ---- config -------------------------------------------------------------
     def config(self) -> dict:
         """The diffusers UNet config (a fresh copy)."""
+        if self.own_config is not None:
+            return copy.deepcopy(self.own_config)
+        if self.config_file is None:
+            raise UserError(f"model {self.name!r} needs --model-path DIR: a diffusers folder (or its unet/) "
+                            "whose config.json defines the UNet")
         return json.loads(_read_config(self.config_file))
+
+    def with_config(self, config: dict, scheduler: dict | None = None,
+                    source: str | None = None) -> "Preset":
+        """This preset's defaults around another UNet config (and optionally its scheduler)."""
+        return dataclasses.replace(self, own_config=copy.deepcopy(config), config_source=source,
+                                   scheduler=dict(scheduler) if scheduler else dict(self.scheduler))
+
+    def for_model_path(self, model_path: str | None) -> "Preset":
+        """The preset for the weights at ``model_path``: a diffusers folder's own config.json (and
+        scheduler/scheduler_config.json when present) replace the preset's; single files keep the
+        preset's architecture (they carry no config)."""
+        from .folders import read_scheduler_config, read_unet_config
+
+        if model_path is None or not Path(model_path).is_dir():
+            if model_path is not None and self.config_file is None:
+                raise UserError(f"--model-path {model_path}: model {self.name!r} needs a diffusers folder with "
+                                "config.json (a single-file checkpoint has no architecture; use it with "
+                                "a preset that has one, e.g. sdxl)")
+            return self
+        config, folder = read_unet_config(model_path)
+        return self.with_config(config, read_scheduler_config(model_path), str(folder.resolve()))
+
+    def checkpoint_fields(self) -> dict:
+        """What a quantized checkpoint records of the model (read back by :meth:`for_checkpoint`):
+        the UNet config, where it came from (None: the bundled preset) and the scheduler."""
+        return {"base_config": self.config(), "config_source": self.config_source,
+                "scheduler": dict(self.scheduler)}
+
+    def for_checkpoint(self, checkpoint_config: dict) -> "Preset":
+        """The preset for a quantized checkpoint: one made from a user's folder carries that
+        folder's UNet config (``config_source``, ``base_config``) and scheduler."""
+        base = checkpoint_config.get("base_config")
+        if checkpoint_config.get("config_source") and isinstance(base, dict):
+            return self.with_config(base, checkpoint_config.get("scheduler"), checkpoint_config["config_source"])
+        return self
 
     def config_hash(self) -> str:
         return config_hash(self.config())
 
     @property
-    def text_embeds_dim(self) -> int:
+    def text_embeds_dim(self) -> int | None:
+        """Width of the pooled text embedding of text_time (SDXL-style) UNets; None for others."""
         c = self.config()
+        if c.get("addition_embed_type") != "text_time":
+            return None
         return c["projection_class_embeddings_input_dim"] - 6 * c["addition_time_embed_dim"]
 
     @property
@@ -92,7 +147,10 @@ class Preset:
         return self.config()["in_channels"]
 
     def defaults(self, device: str | torch.device = "cpu") -> CalibDefaults:
-        return self.cuda if torch.device(device).type == "cuda" else self.cpu
+        d = self.cuda if torch.device(device).type == "cuda" else self.cpu
+        if d.resolution is None:
+            d = dataclasses.replace(d, resolution=self.config()["sample_size"] * 8)
+        return d
 
     # ---- model --------------------------------------------------------------
     def build(self, model_path: str | None = None, seed: int = 0, device: str = "cpu",
@@ -143,16 +201,21 @@ class Preset:
 
         All float inputs are float32 (or the model's dtype); ``timestep`` is one
         value shared by the batch (the sampler's current timestep, in [0, 1000)).
+        ``text_embeds`` and ``time_ids`` only for text_time (SDXL-style) UNets.
         """
         c = self.config()
         h, w = self._latent_hw(height, width)
         L = text_len or self.text_len
-        return [
+        specs = [
             InputSpec("sample", (batch, c["in_channels"], h, w), "float32",
                       "noisy latent x_t, scaled by the scheduler's scale_model_input"),
             InputSpec("timestep", (), "float32", "sampler timestep t (shared by the batch)"),
             InputSpec("encoder_hidden_states", (batch, L, c["cross_attention_dim"]), "float32",
                       "text encoder hidden states (SDXL: CLIP-L and OpenCLIP-bigG penultimate, concatenated)"),
+        ]
+        if self.text_embeds_dim is None:
+            return specs
+        return specs + [
             InputSpec("text_embeds", (batch, self.text_embeds_dim), "float32",
                       "pooled text embedding (SDXL: OpenCLIP-bigG projection)"),
             InputSpec("time_ids", (batch, 6), "float32",
@@ -183,14 +246,17 @@ class Preset:
 
 
 def unet_kwargs(inputs: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """A flat input dict (see :meth:`Preset.model_inputs`) -> UNet2DConditionModel.forward kwargs."""
-    return {
+    """A flat input dict (see :meth:`Preset.model_inputs`) -> UNet2DConditionModel.forward kwargs
+    (``added_cond_kwargs`` only when the dict has text_time inputs)."""
+    kwargs = {
         "sample": inputs["sample"],
         "timestep": inputs["timestep"],
         "encoder_hidden_states": inputs["encoder_hidden_states"],
-        "added_cond_kwargs": {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]},
         "return_dict": False,
     }
+    if "text_embeds" in inputs:
+        kwargs["added_cond_kwargs"] = {"text_embeds": inputs["text_embeds"], "time_ids": inputs["time_ids"]}
+    return kwargs
 
 
 def run_unet(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -220,6 +286,14 @@ PRESETS: dict[str, Preset] = {
         "sdxl-tiny.json",
         cpu=CalibDefaults(samples=4, steps=8, resolution=128, finetune_steps=20, max_tokens=512),
         cuda=CalibDefaults(samples=8, steps=10, resolution=128, finetune_steps=200, max_tokens=1024),
+    ),
+    # Any UNet2DConditionModel, from its diffusers folder (--model-path DIR): calibrated at the
+    # model's native size; SDXL's scheduler unless the folder has scheduler/scheduler_config.json.
+    "unet": Preset(
+        "unet", "any diffusers UNet2DConditionModel (--model-path DIR: its config.json defines the model)",
+        None,
+        cpu=CalibDefaults(samples=2, steps=4, resolution=None, finetune_steps=0, max_tokens=128),
+        cuda=CalibDefaults(samples=8, steps=10, resolution=None, finetune_steps=200, max_tokens=512),
     ),
 }
 
