@@ -671,8 +671,11 @@ def build_existing(out: str | Path, target: str | None = None, sm: int | None = 
     out = Path(out)
     manifest = read_manifest(out)
     ckpt = out / manifest["artifacts"]["checkpoint"]
+    # the checkpoint names the model's own architecture (for the engine profiles); an export
+    # copied without it still builds, with the named preset's profiles
     opts = RunOptions(model=manifest["model"], scheme=manifest.get("scheme", "w4a4"), out=str(out),
-                      target=target, sm=sm, force=force, quiet=quiet, quantized=str(ckpt))
+                      target=target, sm=sm, force=force, quiet=quiet,
+                      quantized=str(ckpt) if ckpt.is_file() else None)
     p = Pipeline(opts)
     files = {t: out / manifest["artifacts"][f"{t}_onnx"] for t in TARGETS
              if manifest["artifacts"].get(f"{t}_onnx")}

@@ -55,7 +55,7 @@ def test_precomputed_embeddings_file_is_used(tmp_path):
     assert torch.equal(r.inputs["text_embeds"], pooled[[0, 1, 0]])
     bad = tmp_path / "bad.safetensors"
     save_file({"encoder_hidden_states": torch.randn(2, 10, 2048), "text_embeds": pooled}, bad)
-    with pytest.raises(UserError, match="do not fit sdxl-tiny"):
+    with pytest.raises(UserError, match="2048 wide but the UNet.s cross_attention_dim is 64"):
         collect_calibration(tiny_fp(), TINY, CalibConfig(samples=1, steps=1, embeddings=str(bad)))
 
 

@@ -562,7 +562,7 @@ def stack_targets(tmp_path_factory):
 def test_nvfp4_search_makes_every_linear_layer_nvfp4_and_keeps_msfp_for_convolutions(tmp_path):
     """`--nvfp4` (QuantizeConfig.nvfp4): the real search on a Conv/Linear stack, Linear layers in
     nvfp4_space. The native target then runs both Linear layers as NVFP4, GELU's asymmetric
-    output included; the convolutions keep their MSFP formats (reference ops)."""
+    output included; the convolutions keep their MSFP formats (their 4-bit values run in FP8)."""
     from export_fixtures import ConvLinearStack
 
     from exporter.calibration import CalibrationData, LayerCapture, conv_rows
@@ -605,7 +605,7 @@ def test_nvfp4_search_makes_every_linear_layer_nvfp4_and_keeps_msfp_for_convolut
     export_onnx(model, {"x": x}, tmp_path / "stack.onnx", timestep_input=None)
     native = build_target(tmp_path / "stack.onnx", "native", tmp_path / "native.onnx", quiet=True)
     impl = {r["layer"]: r["impl"] for r in native["layers"]}
-    assert impl == {"conv1": "reference ops", "conv2": "reference ops", "fc1": "nvfp4", "fc2": "nvfp4"}
+    assert impl == {"conv1": "fp8", "conv2": "fp8", "fc1": "nvfp4", "fc2": "nvfp4"}
 
 
 def _build(path, sm, profiles=None):
