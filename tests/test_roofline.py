@@ -44,3 +44,11 @@ def test_estimates_only_for_gpus_the_target_builds_for_and_labelled():
     assert set(r["gpus"]) == {"RTX 5090", "B200"}
     b200 = next(g for g in GPUS if g.name == "B200")
     assert peak(b200, "FP4") == 2 * peak(b200, "FP8") == 4 * peak(b200, "Half")
+
+
+def test_the_estimate_says_how_many_gemms_it_covers():
+    from exporter.roofline import summary_lines
+
+    r = roofline(_model(), {"x": [64, 1024]}, "fp8", _report("FP8"))
+    assert (r["layers"], r["gemm_nodes"]) == (1, 1)
+    assert all("over 1 of 1 GEMMs/convs [estimate]" in line for line in summary_lines(r))
