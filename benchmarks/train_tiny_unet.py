@@ -143,7 +143,7 @@ def train(steps: int, batch: int, seed: int, lr: float = 2e-3, log=print):
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if (step + 1) % max(1, steps // 10) == 0:
             recent = sum(losses[-50:]) / len(losses[-50:])
             log(f"step {step + 1}/{steps}  loss(avg 50) {recent:.4f}  {time.perf_counter() - t0:.0f}s")
