@@ -150,7 +150,7 @@ def ablation(fp, folder: Path, args, held: HeldOut, fp_mse: dict, mode: str, log
                          calib_holdout=0, max_tokens=args.max_tokens,
                          calib_embeddings=str(folder / "calib_embeddings.safetensors"), seed=args.seed,
                          **json.loads(args.quant_options))
-    names, _ = select_layers(fp, cfg.include, preset.keep_fp if cfg.exclude is None else cfg.exclude)
+    names, _ = select_layers(fp, cfg.include, preset.keep_fp_regex(cfg.keep_fp_shortcuts) if cfg.exclude is None else cfg.exclude)
     calib = collect_calibration(fp, preset, calib_config(preset, cfg, "cpu"), capture=names)
     choices = search_layers(fp, calib, names, cfg.search_space(), seed=cfg.seed)
     fp_total = sum(fp_mse.values())

@@ -63,6 +63,7 @@ class QuantizeConfig:
     finetune_batch: int = 4
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
+    keep_fp_shortcuts: bool = False  # with exclude None: also the last up block's conv_shortcut layers
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
@@ -324,7 +325,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         model = preset.build(model_path, seed=cfg.seed, device=device)
     seconds["build"] = time.perf_counter() - t0
 
-    exclude = preset.keep_fp if cfg.exclude is None else cfg.exclude
+    exclude = preset.keep_fp_regex(cfg.keep_fp_shortcuts) if cfg.exclude is None else cfg.exclude
     names, kept = select_layers(model, cfg.include, exclude)
     if not names:
         raise UserError(f"no layer of {preset.name} matches --include {cfg.include!r} / --exclude {exclude!r}")

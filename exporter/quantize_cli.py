@@ -55,6 +55,10 @@ def register(subparsers) -> None:
     g.add_argument("--exclude", metavar="REGEX",
                    help="keep matching layers in higher precision (replaces the preset default "
                         "'^(conv_in|conv_out|time_embedding\\.|add_embedding\\.)'; '' keeps none)")
+    g.add_argument("--keep-fp-shortcuts", action="store_true",
+                   help="also keep the last up block's skip shortcuts (conv_shortcut) in higher precision: "
+                        "on a trained UNet they carry ~40%% of the W4A4 loss for <1%% of the FLOPs "
+                        "(docs/quantization.md, 'Quality on a trained model')")
     g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
                    help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
     g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",
@@ -89,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
         mixup=args.mixup, mixed_precision=args.mixed_precision, nvfp4=args.nvfp4, seed=args.seed,
+        keep_fp_shortcuts=args.keep_fp_shortcuts,
         device=args.device, threads=args.threads)
     cfg.validate()  # bad options fail before anything is built or written
     if args.model_path and not Path(args.model_path).exists():
