@@ -72,6 +72,9 @@ def register(sub) -> None:
     g.add_argument("--calib-steps", type=int, metavar="N")
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
     g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP + " (use with --sm 120 or --target native)")
+    g.add_argument("--keep-fp-shortcuts", action="store_true",
+                   help="keep the last up block's skip shortcuts (conv_shortcut) in higher precision "
+                        "(see export-engine quantize --help)")
     g.add_argument("--calib-embeddings", metavar="FILE", help=CALIB_EMBEDDINGS_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
@@ -124,6 +127,7 @@ def _run(args) -> int:
                       verify=args.verify, isolate=args.isolate, fp16=args.fp16,
                       calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, nvfp4=args.nvfp4, seed=args.seed,
+                      keep_fp_shortcuts=args.keep_fp_shortcuts,
                       calib_embeddings=args.calib_embeddings, threads=args.threads,
                       batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)
