@@ -212,9 +212,10 @@ def main(argv=None) -> int:
     emb = str(folder / "calib_embeddings.safetensors")
     extra = json.loads(args.quant_options)
     ft = args.finetune_steps
-    specs = {"a": ("PTQ, random calib embeddings", None, 0, {}),
-             "b": ("PTQ, real calib embeddings", emb, 0, {}),
-             "c": (f"TALoRA/DFA {ft} steps, real embeddings", emb, ft, {}),
+    off = {"keep_fp_shortcuts": False}  # (a)-(c): every layer but the preset's keep-list W4A4
+    specs = {"a": ("PTQ, random calib embeddings", None, 0, off),
+             "b": ("PTQ, real calib embeddings", emb, 0, off),
+             "c": (f"TALoRA/DFA {ft} steps, real embeddings", emb, ft, off),
              "bs": ("(b) + last up block's shortcuts kept FP", emb, 0, {"keep_fp_shortcuts": True}),
              "cs": ("(c) + last up block's shortcuts kept FP", emb, ft, {"keep_fp_shortcuts": True})}
     for key in [v for v in args.variants.split(",") if v]:

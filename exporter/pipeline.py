@@ -63,7 +63,7 @@ class RunOptions:
     calib_steps: int | None = None
     finetune_steps: int | None = None
     nvfp4: bool = False  # Linear layers quantized the NVFP4 way (quantize.QuantizeConfig.nvfp4)
-    keep_fp_shortcuts: bool = False  # last up block's conv_shortcut kept FP (QuantizeConfig.keep_fp_shortcuts)
+    keep_fp_shortcuts: bool = True  # last up block's conv_shortcut kept FP (QuantizeConfig.keep_fp_shortcuts)
     calib_embeddings: str | None = None  # .safetensors of text embeddings (calibration.text_conditioning)
     seed: int = 0
     threads: int | None = None  # torch threads for the quantize math (None: quantize.DEFAULT_THREADS)
@@ -309,8 +309,7 @@ class Pipeline:
         key = stage_key("quantize", PIPELINE_VERSION, code_fingerprint("exporter", exclude=_ORCHESTRATION),
                         o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
                         o.calib_steps, o.finetune_steps, o.seed, o.nvfp4, o.threads or _default_threads(),
-                        _embeddings_fingerprint(o.calib_embeddings, self.preset),
-                        *(("keep_fp_shortcuts",) if o.keep_fp_shortcuts else ()))  # old keys stay valid
+                        _embeddings_fingerprint(o.calib_embeddings, self.preset), o.keep_fp_shortcuts)
 
         def produce():
             from .quantize import QuantizeConfig

@@ -5,7 +5,7 @@ import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
 from .pipeline import TARGETS
-from .quantize_cli import CALIB_EMBEDDINGS_HELP, NVFP4_HELP, THREADS_HELP
+from .quantize_cli import CALIB_EMBEDDINGS_HELP, NVFP4_HELP, SHORTCUTS_HELP, THREADS_HELP
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
 
@@ -72,9 +72,8 @@ def register(sub) -> None:
     g.add_argument("--calib-steps", type=int, metavar="N")
     g.add_argument("--finetune-steps", type=int, metavar="N", help="TALoRA + DFA steps (0 = PTQ only)")
     g.add_argument("--nvfp4", action="store_true", help=NVFP4_HELP + " (use with --sm 120 or --target native)")
-    g.add_argument("--keep-fp-shortcuts", action="store_true",
-                   help="keep the last up block's skip shortcuts (conv_shortcut) in higher precision "
-                        "(see export-engine quantize --help)")
+    g.add_argument("--keep-fp-shortcuts", action=argparse.BooleanOptionalAction, default=True,
+                   help=SHORTCUTS_HELP)
     g.add_argument("--calib-embeddings", metavar="FILE", help=CALIB_EMBEDDINGS_HELP)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)

@@ -63,7 +63,7 @@ class QuantizeConfig:
     finetune_batch: int = 4
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
-    keep_fp_shortcuts: bool = False  # with exclude None: also the last up block's conv_shortcut layers
+    keep_fp_shortcuts: bool = True  # with exclude None: also the last up block's conv_shortcut layers (presets.last_up_shortcuts)
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)

@@ -19,6 +19,9 @@ from .cli import EXIT_OK, UserError
 NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static "
               "signed e2m1 activations) so the native target runs them on FP4 tensor cores; "
               "convolutions keep MSFP")
+SHORTCUTS_HELP = ("keep the last up block's skip shortcuts (conv_shortcut) in higher precision (default; "
+                  "--no-keep-fp-shortcuts quantizes them): on a trained UNet they carry ~40%% of the W4A4 loss "
+                  "for <1%% of the FLOPs (docs/quantization.md, 'Quality on a trained model')")
 THREADS_HELP = ("torch CPU threads for calibration and fine-tuning math (default 1). The checkpoint depends "
                 "on this number and not on the machine; layer searches use every core either way")
 
@@ -55,10 +58,8 @@ def register(subparsers) -> None:
     g.add_argument("--exclude", metavar="REGEX",
                    help="keep matching layers in higher precision (replaces the preset default "
                         "'^(conv_in|conv_out|time_embedding\\.|add_embedding\\.)'; '' keeps none)")
-    g.add_argument("--keep-fp-shortcuts", action="store_true",
-                   help="also keep the last up block's skip shortcuts (conv_shortcut) in higher precision: "
-                        "on a trained UNet they carry ~40%% of the W4A4 loss for <1%% of the FLOPs "
-                        "(docs/quantization.md, 'Quality on a trained model')")
+    g.add_argument("--keep-fp-shortcuts", action=argparse.BooleanOptionalAction, default=True,
+                   help=SHORTCUTS_HELP)
     g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
                    help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
     g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",

@@ -50,8 +50,8 @@ SDXL_KEEP_FP = r"^(conv_in|conv_out|time_embedding\.|add_embedding\.)"
 
 def last_up_shortcuts(config: dict) -> str | None:
     """Regex of the skip-connection shortcuts (1x1 ``conv_shortcut``) of the last up block, which
-    :meth:`Preset.keep_fp_regex` adds to ``keep_fp`` on request
-    (``QuantizeConfig.keep_fp_shortcuts``, ``export-engine quantize --keep-fp-shortcuts``). Why: on a trained UNet
+    :meth:`Preset.keep_fp_regex` adds to ``keep_fp`` by default (``QuantizeConfig.keep_fp_shortcuts``;
+    ``--no-keep-fp-shortcuts`` quantizes them). Why: on a trained UNet
     (benchmarks/bench_quality.py, docs/quantization.md) these few layers cost ~40 % of the whole
     W4A4 eps-MSE loss: their input (up path concatenated with the first block's skip) is
     Gaussian-like, so 4-bit activations sit at the FP4 noise floor (~19 dB, no search or clip does
