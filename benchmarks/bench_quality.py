@@ -30,7 +30,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -42,18 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from exporter.layers import quant_layers  # noqa: E402
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TARGETS = {"b": 1.10, "c": 1.05, "bs": 1.10, "cs": 1.05}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def alphas_cumprod(scheduler: dict) -> torch.Tensor:
@@ -150,7 +140,7 @@ def ablation(fp, folder: Path, args, held: HeldOut, fp_mse: dict, mode: str, log
                          calib_holdout=0, max_tokens=args.max_tokens,
                          calib_embeddings=str(folder / "calib_embeddings.safetensors"), seed=args.seed,
                          **json.loads(args.quant_options))
-    names, _ = select_layers(fp, cfg.include, preset.keep_fp_regex(cfg.keep_fp_shortcuts) if cfg.exclude is None else cfg.exclude)
+    names, _ = select_layers(fp, cfg.include, cfg.exclude_regex(preset))
     calib = collect_calibration(fp, preset, calib_config(preset, cfg, "cpu"), capture=names)
     choices = search_layers(fp, calib, names, cfg.search_space(), seed=cfg.seed)
     fp_total = sum(fp_mse.values())
@@ -205,7 +195,7 @@ def main(argv=None) -> int:
     preset = get_preset("unet").for_model_path(str(folder))
     held = HeldOut(folder, preset.scheduler)
     fp_mse = eps_mse(lambda f: run_torch(fp, f), held)
-    result = {"cpu": _cpu_name(), "command": " ".join(["python"] + sys.argv), "model": str(folder),
+    result = {"cpu": cpu_name(), "command": " ".join(["python"] + sys.argv), "model": str(folder),
               "parameters": sum(p.numel() for p in fp.parameters()),
               "settings": {k: v for k, v in vars(args).items()}, "fp32": {"mse": fp_mse,
               "sens": sensitivity(lambda f: run_torch(fp, f), held)}, "variants": {}}
@@ -259,7 +249,7 @@ def main(argv=None) -> int:
             print(f"  {r['layer']:55s} {r['ratio']:.4f}{more}  w {r['w_format']} a {r['a_format']}"
                   f"{' AAL' if r['aal'] else ''}{' smooth' if r['smooth'] else ''}")
     dest = Path(args.out) if args.out else \
-        Path(__file__).parent / "results" / f"quality_{_cpu_name().split()[0].lower()}.json"
+        Path(__file__).parent / "results" / f"quality_{cpu_name().split()[0].lower()}.json"
     from exporter.atomic import atomic_write_json
 
     atomic_write_json(dest, result)

@@ -36,7 +36,7 @@ from exporter.pipeline import model_preset, read_manifest  # noqa: E402
 from exporter.atomic import atomic_write_json  # noqa: E402
 from exporter.verify import e2e_feeds  # noqa: E402
 
-from bench_passes_sdxl import _cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -165,7 +165,7 @@ def main(argv=None) -> int:
             print(f"{l['layer'][-62:]:<62} {l['flips']:6d} {l['in_change']:10.2e} {l['out_change']:10.2e} "
                   f"{l['gain']:8.1e}")
     result = {"bench": "sensitivity", "model": name, "checkpoint": str(ckpt), "eps": args.eps, "latent": lat,
-              "cpu": _cpu_name(), "torch_threads": 1,
+              "cpu": cpu_name(), "torch_threads": 1,
               "command": "python benchmarks/bench_sensitivity.py " + " ".join(argv or sys.argv[1:]),
               "summary": summary, "worst_growth": grown,
               "inputs": [{k: v for k, v in r.items() if k != "layers"} for r in rows]}

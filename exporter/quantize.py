@@ -103,6 +103,11 @@ class QuantizeConfig:
                 except re.error as err:
                     raise UserError(f"--{name} {value!r} is not a valid regular expression ({err})") from None
 
+    def exclude_regex(self, preset: Preset) -> str:
+        """Layers kept in higher precision: ``--exclude``, else the preset's keep-list (with the
+        last up block's shortcuts unless ``keep_fp_shortcuts`` is off)."""
+        return preset.keep_fp_regex(self.keep_fp_shortcuts) if self.exclude is None else self.exclude
+
     def search_space(self) -> SearchSpace:
         s = SCHEMES[self.scheme]
         return SearchSpace(
@@ -325,7 +330,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         model = preset.build(model_path, seed=cfg.seed, device=device)
     seconds["build"] = time.perf_counter() - t0
 
-    exclude = preset.keep_fp_regex(cfg.keep_fp_shortcuts) if cfg.exclude is None else cfg.exclude
+    exclude = cfg.exclude_regex(preset)
     names, kept = select_layers(model, cfg.include, exclude)
     if not names:
         raise UserError(f"no layer of {preset.name} matches --include {cfg.include!r} / --exclude {exclude!r}")

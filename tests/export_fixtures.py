@@ -143,3 +143,22 @@ class ConvLinearStack(nn.Module):
         h = self.conv2(torch.nn.functional.silu(self.conv1(x)))
         h = h.flatten(2).transpose(1, 2)
         return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+
+def nvfp4_ready_stack_export(path):
+    """A hand-quantized :class:`ConvLinearStack` (signed and unsigned activations, mixed precision)
+    with fc1 made NVFP4-eligible (4-bit e2m1 weights, static e2m1 activations, the scale keeping
+    its range), exported to ``path``: TensorRT builds its targets in seconds."""
+    from exporter.export import export_onnx
+
+    torch.manual_seed(0)
+    model, x = ConvLinearStack(c=16, d=32), torch.randn(2, 3, 8, 8)
+    quantize_by_hand(model, (x,), talora=False, exclude=None)
+    fc1 = dict(quant_layers(model))["fc1"]
+    with torch.no_grad():
+        fc1.w_quant.bits.fill_(4)
+        old = fc1.a_quant.fmt.max
+        fc1.a_quant.set_format("e2m1")
+        fc1.a_quant.scale.mul_(old / 6.0)
+    export_onnx(model, {"x": x}, path, timestep_input=None)
+    return path

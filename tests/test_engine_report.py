@@ -48,23 +48,12 @@ def test_builder_lines_parse_into_kinds_precisions_and_weight_bytes():
 def stack(tmp_path_factory):
     """The hand-quantized Conv/Linear stack (signed and unsigned activations, mixed precision),
     fc1 NVFP4-eligible, through fp8 and native."""
-    from export_fixtures import ConvLinearStack, quantize_by_hand
+    from export_fixtures import nvfp4_ready_stack_export
 
-    from exporter.export import export_onnx
-    from exporter.layers import quant_layers
     from graph_passes.targets import build_target
 
-    torch.manual_seed(0)
-    model, x = ConvLinearStack(c=16, d=32), torch.randn(2, 3, 8, 8)
-    quantize_by_hand(model, (x,), talora=False, exclude=None)
-    fc1 = dict(quant_layers(model))["fc1"]
-    with torch.no_grad():
-        fc1.w_quant.bits.fill_(4)
-        old = fc1.a_quant.fmt.max
-        fc1.a_quant.set_format("e2m1")
-        fc1.a_quant.scale.mul_(old / 6.0)
     out = tmp_path_factory.mktemp("stack")
-    export_onnx(model, {"x": x}, out / "stack.onnx", timestep_input=None)
+    nvfp4_ready_stack_export(out / "stack.onnx")
     return out, {t: build_target(out / "stack.onnx", t, out / f"{t}.onnx", quiet=True) for t in ("fp8", "native")}
 
 
