@@ -245,9 +245,14 @@ def eval_metrics(unet: nn.Module, calib) -> dict:
             "dfa_loss": dfa / len(calib.records)}
 
 
+#: how fine-tuning weights the calibration records' timesteps: "dfa" (b_t^2, the next latent's
+#: error) or "uniform" (the noise prediction's own error at every step)
+WEIGHTINGS = ("dfa", "uniform")
+
+
 def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: int = 4, lr: float = 5e-4,
              batch: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
-             before: dict | None = None) -> FinetuneResult:
+             before: dict | None = None, weighting: str = "dfa") -> FinetuneResult:
     """TALoRA + DFA fine-tuning of a quantized UNet on calibration records, then freeze the router.
 
     Only the adapters and the router train (Adam); base weights and quantizer
@@ -259,6 +264,8 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
 
     if steps < 0:
         raise UserError(f"--finetune-steps must be >= 0, got {steps}")
+    if weighting not in WEIGHTINGS:
+        raise UserError(f"fine-tuning weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     start = time.perf_counter()
     ctrl = add_talora(unet, rank, num_adapters, seed=seed,
                       num_train_timesteps=calib.scheduler_config.get("num_train_timesteps", 1000))
@@ -270,7 +277,7 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
     for p in params:
         p.requires_grad_(True)
     before = (before or eval_metrics(unet, calib))["dfa_loss"]
-    weights = dfa_weights([r.dfa for r in calib.records])
+    weights = dfa_weights([r.dfa for r in calib.records]) if weighting == "dfa" else [1.0] * len(calib.records)
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
     device = next(unet.parameters()).device

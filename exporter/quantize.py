@@ -61,10 +61,12 @@ class QuantizeConfig:
     adapters: int = 4
     finetune_lr: float = 5e-4
     finetune_batch: int = 4
+    finetune_weighting: str = "dfa"  # timesteps' weights in the loss (finetune.WEIGHTINGS)
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
     keep_fp_shortcuts: bool = True  # with exclude None: also the last up block's conv_shortcut layers (presets.last_up_shortcuts)
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
+    a8_budget: float = 0.0  # w4a4: share of the quantized layers' MACs whose activations get 8-bit e4m3 (a8_layers)
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
     mixed_precision: bool = True  # MPQ-DM smoothing + N-1/N/N+1 bits
@@ -90,6 +92,12 @@ class QuantizeConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise UserError(f"{flag} must be a positive integer, got {value!r}")
+        if isinstance(self.a8_budget, bool) or not isinstance(self.a8_budget, (int, float)) \
+                or not 0.0 <= self.a8_budget <= 1.0:
+            raise UserError(f"--a8-budget must be a fraction of the MACs in [0, 1], got {self.a8_budget!r}")
+        if self.a8_budget > 0 and self.scheme != "w4a4":
+            raise UserError(f"--a8-budget gives some W4A4 layers 8-bit activations; scheme {self.scheme} "
+                            "has no 4-bit activations to raise")
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise UserError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
@@ -116,6 +124,19 @@ class QuantizeConfig:
             mixed_precision=self.mixed_precision, smoothing=self.mixed_precision,
             exhaustive=self.search == "exhaustive", nvfp4_linear=self.nvfp4)
 
+    def a8_space(self) -> SearchSpace:
+        """The search space of an ``a8_budget`` layer: the scheme's weights, activations in
+        A8_FORMATS (MSFP weights also for Linear layers under ``nvfp4``: at 8-bit activations the
+        layer cannot run on FP4 tensor cores anyway)."""
+        return dataclasses.replace(self.search_space(), a_signed=A8_FORMATS, a_unsigned=(), nvfp4_linear=False)
+
+
+#: activation format of the layers ``a8_budget`` raises: signed e4m3 only. Every e4m3 value is an
+#: FP8 E4M3FN value, so the fp8 target still runs these layers as FP8 GEMMs, at the speed of its
+#: W4A4 layers (which it also runs in FP8); e3m4 and the unsigned FP8 formats would fall back to
+#: reference ops there (graph_passes.fp8.format_exact_in_e4m3).
+A8_FORMATS = ("e4m3",)
+
 
 @dataclass
 class QuantizeReport:
@@ -129,6 +150,7 @@ class QuantizeReport:
     calibration: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     finetune: dict | None = None
+    a8: dict | None = None  # a8_budget: the raised layers, their share of the MACs, every layer's cost
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -265,6 +287,71 @@ def apply_choices(model: nn.Module, choices: dict[str, LayerChoice]) -> nn.Modul
     return model
 
 
+#: training samples per calibration record that activation_costs runs: the cost is one forward per
+#: layer and record, so this bounds it on big models (SDXL: 257 layers x 10 records)
+A8_COST_SAMPLES = 2
+
+
+def activation_costs(model: nn.Module, calib: CalibrationData) -> tuple[dict[str, float], dict[str, int]]:
+    """(cost, MACs) of each quantized layer of ``model``: the squared error of the UNet's noise
+    prediction, summed over every calibration record's first A8_COST_SAMPLES training samples, with only that layer's
+    activations quantized (its weights and every other layer in float), and the layer's
+    multiply-accumulates in those forwards.
+
+    Measured end to end because a layer's own output SQNR says little about what reaches eps: on
+    the trained tiny UNet the costliest layers sit in the last up block, right before the output
+    (docs/quantization.md, 'Quality on a trained model'). One forward per layer and record.
+    """
+    from .models.presets import run_unet
+
+    layers = dict(quant_layers(model))
+    state = {n: (m.w_quant.enabled, m.a_quant.enabled) for n, m in layers.items()}
+    device = next(model.parameters()).device
+    idx = torch.tensor(calib.train[:A8_COST_SAMPLES])
+    feeds = [{k: (v[idx] if v.dim() > 0 else v).to(device) for k, v in r.inputs.items()} for r in calib.records]
+    macs = dict.fromkeys(layers, 0)
+
+    def count(name):
+        def hook(module, args, out):
+            macs[name] += out.numel() * module.fan_in
+        return hook
+
+    costs = {}
+    try:
+        for m in layers.values():
+            m.w_quant.enabled = m.a_quant.enabled = False
+        handles = [m.register_forward_hook(count(n)) for n, m in layers.items()]
+        with torch.no_grad():
+            try:
+                ref = [run_unet(model, f).float() for f in feeds]  # the float model (smoothing included)
+            finally:
+                for h in handles:
+                    h.remove()
+            for name, m in layers.items():
+                if not state[name][1]:  # activations not quantized: nothing to raise
+                    costs[name] = 0.0
+                    continue
+                m.a_quant.enabled = True
+                costs[name] = sum(float((run_unet(model, f).float() - y).pow(2).sum()) for f, y in zip(feeds, ref))
+                m.a_quant.enabled = False
+    finally:
+        for n, m in layers.items():
+            m.w_quant.enabled, m.a_quant.enabled = state[n]
+    return costs, macs
+
+
+def a8_layers(costs: dict[str, float], macs: dict[str, int], budget: float) -> list[str]:
+    """Layers whose activations get 8 bits: by cost per MAC (what a MAC of 8-bit activations buys),
+    greedily while their MACs fit in ``budget`` x all the layers' MACs; in ``costs`` order.
+    ``budget`` 1 gives every layer 8 bits."""
+    limit, spent, pick = budget * sum(macs.values()), 0, set()
+    for name in sorted(costs, key=lambda n: -costs[n] / max(macs[n], 1)):
+        if costs[name] > 0 and spent + macs[name] <= limit:
+            pick.add(name)
+            spent += macs[name]
+    return [n for n in costs if n in pick]
+
+
 def layer_rows(model: nn.Module, choices: dict[str, LayerChoice]) -> list[dict]:
     rows = []
     for name, c in choices.items():
@@ -341,10 +428,29 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
 
     t = time.perf_counter()
     space = cfg.search_space()
-    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers())
-    rows = layer_rows(model, choices)
+    a8 = cfg.a8_budget > 0
+    choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers(),
+                            keep_captures=a8)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
+    a8_info = None
+    if a8:
+        t = time.perf_counter()
+        say(f"8-bit activations: measuring {len(names)} layers' activation costs")
+        costs, macs = activation_costs(model, calib)
+        raised = a8_layers(costs, macs, cfg.a8_budget)
+        say(f"8-bit activations: {len(raised)} of {len(names)} layers")
+        # the whole search again for them: the weights' scales are refined on the 8-bit inputs
+        new = search_layers(model, calib, raised, cfg.a8_space(), seed=cfg.seed, workers=search_workers())
+        for name, choice in new.items():
+            apply_choice(model.get_submodule(name), choice)
+        choices.update(new)
+        calib.layers.clear()
+        seconds["a8"] = time.perf_counter() - t
+        a8_info = {"budget": cfg.a8_budget, "layers": raised,
+                   "macs_share": sum(macs[n] for n in raised) / max(sum(macs.values()), 1),
+                   "costs": costs, "macs": macs}
+    rows = layer_rows(model, choices)
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
                           "base_config_hash": preset.config_hash(), "random_weights": random_weights,
                           **preset.checkpoint_fields()}
@@ -365,7 +471,8 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         say(f"TALoRA + DFA fine-tuning: {steps} steps, K={cfg.adapters}, rank {cfg.lora_rank}")
         before = {"dfa_loss": metrics["ptq_dfa_loss"]} if evaluate else None
         res = finetune(model, calib, steps, rank=cfg.lora_rank, num_adapters=cfg.adapters, lr=cfg.finetune_lr,
-                       batch=cfg.finetune_batch, seed=cfg.seed, progress=say, before=before)
+                       batch=cfg.finetune_batch, seed=cfg.seed, progress=say, before=before,
+                       weighting=cfg.finetune_weighting)
         ft = dataclasses.asdict(res)
         ft.update({"rank": cfg.lora_rank, "adapters": cfg.adapters, "lr": cfg.finetune_lr})
         seconds["finetune"] = res.seconds
@@ -380,6 +487,6 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
                      "scheduler": ccfg.scheduler, "timesteps": calib.timesteps, "train": calib.train,
                      "holdout": calib.holdout, "max_tokens": ccfg.max_tokens,
                      "embeddings": ccfg.embeddings or "seeded random"},
-        metrics=metrics, finetune=ft, seconds=seconds)
+        metrics=metrics, finetune=ft, a8=a8_info, seconds=seconds)
     report.seconds["total"] = time.perf_counter() - t0
     return model, report

@@ -22,6 +22,10 @@ NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weig
 SHORTCUTS_HELP = ("keep the last up block's skip shortcuts (conv_shortcut) in higher precision (default; "
                   "--no-keep-fp-shortcuts quantizes them): on a trained UNet they carry ~40%% of the W4A4 loss "
                   "for <1%% of the FLOPs (docs/quantization.md, 'Quality on a trained model')")
+A8_BUDGET_HELP = ("w4a4: give 8-bit e4m3 activations to the layers whose 4-bit activations cost the most eps "
+                  "error per MAC, until this share of the quantized layers' MACs (0..1; default 0, 1 = W4A8 "
+                  "everywhere). Free in speed on the fp8 target (Ada/Hopper runs W4A4 layers as FP8 GEMMs "
+                  "anyway); docs/quantization.md, 'Quality on a trained model'")
 THREADS_HELP = ("torch CPU threads for calibration and fine-tuning math (default 1). The checkpoint depends "
                 "on this number and not on the machine; layer searches use every core either way")
 
@@ -60,6 +64,7 @@ def register(subparsers) -> None:
                         "'^(conv_in|conv_out|time_embedding\\.|add_embedding\\.)'; '' keeps none)")
     g.add_argument("--keep-fp-shortcuts", action=argparse.BooleanOptionalAction, default=True,
                    help=SHORTCUTS_HELP)
+    g.add_argument("--a8-budget", type=float, default=0.0, metavar="F", help=A8_BUDGET_HELP)
     g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
                    help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
     g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",
@@ -94,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
         mixup=args.mixup, mixed_precision=args.mixed_precision, nvfp4=args.nvfp4, seed=args.seed,
-        keep_fp_shortcuts=args.keep_fp_shortcuts,
+        keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget,
         device=args.device, threads=args.threads)
     cfg.validate()  # bad options fail before anything is built or written
     if args.model_path and not Path(args.model_path).exists():

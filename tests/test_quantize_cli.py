@@ -40,6 +40,16 @@ def test_w4a8_and_w4a16(tmp_path, scheme, a_format):
     assert {e["activation"]["format"] for e in cfg["layers"].values()} <= set(a_format)
 
 
+def test_a8_budget_flag(tmp_path):
+    r = _run(["quantize", "sdxl-tiny", "--w4a4", *SMALL, "--finetune-steps", "0", "--quiet", "--a8-budget", "1",
+              "--include", r"^mid_block\.", "--out", "q"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "q" / "quantized.json").read_text())
+    report = json.loads((tmp_path / "q" / "quantize_report.json").read_text())
+    assert {e["activation"]["format"] for e in cfg["layers"].values()} == {"e4m3"}
+    assert report["config"]["a8_budget"] == 1.0 and report["a8"]["macs_share"] == 1.0
+
+
 @pytest.mark.parametrize("args,message", [
     (["quantize", "sdxl-huge", "--w4a4"], "unknown model 'sdxl-huge'; known models: sdxl, sdxl-tiny"),
     (["quantize", "sdxl-tiny", "--w4a4", "--model-path", "nowhere"], "--model-path nowhere: no such file or directory"),
@@ -48,6 +58,8 @@ def test_w4a8_and_w4a16(tmp_path, scheme, a_format):
     (["quantize", "sdxl-tiny", "--w4a4", "--calib-samples", "0"], "--calib-samples must be a positive integer"),
     (["quantize", "sdxl-tiny", "--w4a4", "--include", "("], "not a valid regular expression"),
     (["quantize", "sdxl-tiny", "--w4a4", "--threads", "0"], "--threads must be a positive integer, got 0"),
+    (["quantize", "sdxl-tiny", "--w4a4", "--a8-budget", "2"], "--a8-budget must be a fraction of the MACs"),
+    (["quantize", "sdxl-tiny", "--w4a8", "--a8-budget", "0.1"], "scheme w4a8 has no 4-bit activations"),
 ])
 def test_bad_input_is_one_line_with_an_exit_code(capsys, monkeypatch, tmp_path, args, message):
     monkeypatch.chdir(tmp_path)  # the default --out is models/<MODEL>-<scheme> under the current folder
