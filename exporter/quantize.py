@@ -26,7 +26,7 @@ from torch import nn
 
 from .calibration import CalibConfig, CalibrationData, collect_calibration
 from .cli import UserError
-from .finetune import eval_metrics, finetune
+from .finetune import WEIGHTINGS, eval_metrics, finetune
 from .formats import SIGNED_FP4, UNSIGNED_FP4
 from .layers import QUANT_LAYERS, quant_layers, swap_quant_layers
 from .models.presets import Preset, get_preset
@@ -62,6 +62,7 @@ class QuantizeConfig:
     finetune_lr: float = 5e-4
     finetune_batch: int = 4
     finetune_weighting: str = "dfa"  # timesteps' weights in the loss (finetune.WEIGHTINGS)
+    finetune_fresh_noise: bool = False  # experiment: teacher targets on re-noised clean latents
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
     keep_fp_shortcuts: bool = True  # with exclude None: also the last up block's conv_shortcut layers (presets.last_up_shortcuts)
@@ -81,6 +82,9 @@ class QuantizeConfig:
             raise UserError(f"unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
         if self.search not in ("pruned", "exhaustive"):
             raise UserError(f"search must be 'pruned' or 'exhaustive', got {self.search!r}")
+        if self.finetune_weighting not in WEIGHTINGS:
+            raise UserError(f"--finetune-weighting must be one of {', '.join(WEIGHTINGS)}, "
+                            f"got {self.finetune_weighting!r}")
         if self.act_mode not in ("static", "dynamic"):
             raise UserError(f"activation mode must be 'static' or 'dynamic', got {self.act_mode!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
@@ -436,9 +440,13 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     a8_info = None
     if a8:
         t = time.perf_counter()
-        say(f"8-bit activations: measuring {len(names)} layers' activation costs")
-        costs, macs = activation_costs(model, calib)
-        raised = a8_layers(costs, macs, cfg.a8_budget)
+        if cfg.a8_budget < 1:
+            say(f"8-bit activations: measuring {len(names)} layers' activation costs")
+            costs, macs = activation_costs(model, calib)
+            raised = a8_layers(costs, macs, cfg.a8_budget)
+        else:  # every layer: nothing to rank (W4A8 with the fp8 target's formats)
+            costs, macs = {}, {}
+            raised = [n for n, m in quant_layers(model) if m.a_quant.enabled]
         say(f"8-bit activations: {len(raised)} of {len(names)} layers")
         # the whole search again for them: the weights' scales are refined on the 8-bit inputs
         new = search_layers(model, calib, raised, cfg.a8_space(), seed=cfg.seed, workers=search_workers())
@@ -447,9 +455,8 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         choices.update(new)
         calib.layers.clear()
         seconds["a8"] = time.perf_counter() - t
-        a8_info = {"budget": cfg.a8_budget, "layers": raised,
-                   "macs_share": sum(macs[n] for n in raised) / max(sum(macs.values()), 1),
-                   "costs": costs, "macs": macs}
+        a8_info = {"budget": cfg.a8_budget, "layers": raised, "costs": costs, "macs": macs,
+                   "macs_share": sum(macs[n] for n in raised) / sum(macs.values()) if macs else 1.0}
     rows = layer_rows(model, choices)
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
                           "base_config_hash": preset.config_hash(), "random_weights": random_weights,
@@ -472,9 +479,10 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         before = {"dfa_loss": metrics["ptq_dfa_loss"]} if evaluate else None
         res = finetune(model, calib, steps, rank=cfg.lora_rank, num_adapters=cfg.adapters, lr=cfg.finetune_lr,
                        batch=cfg.finetune_batch, seed=cfg.seed, progress=say, before=before,
-                       weighting=cfg.finetune_weighting)
+                       weighting=cfg.finetune_weighting, fresh_noise=cfg.finetune_fresh_noise)
         ft = dataclasses.asdict(res)
-        ft.update({"rank": cfg.lora_rank, "adapters": cfg.adapters, "lr": cfg.finetune_lr})
+        ft.update({"rank": cfg.lora_rank, "adapters": cfg.adapters, "lr": cfg.finetune_lr,
+                   "weighting": cfg.finetune_weighting})
         seconds["finetune"] = res.seconds
         if evaluate:
             metrics.update({f"finetuned_{k}": v for k, v in eval_metrics(model, calib).items()})

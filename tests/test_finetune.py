@@ -67,3 +67,20 @@ def test_rank_or_adapter_count_of_zero_is_a_user_error():
 def test_dfa_weights_follow_the_squared_denoising_factor():
     w = dfa_weights([-2.0, -1.0, -0.5])
     assert w[0] / w[1] == pytest.approx(4.0) and sum(w) / 3 == pytest.approx(1.0)
+
+
+def test_record_weights_dfa_or_uniform():
+    from types import SimpleNamespace
+
+    from exporter.finetune import record_weights
+
+    calib = SimpleNamespace(records=[SimpleNamespace(dfa=d) for d in (-3.0, -1.0, -0.5)])
+    assert record_weights(calib, "dfa") == pytest.approx(dfa_weights([-3.0, -1.0, -0.5]))
+    assert record_weights(calib, "dfa")[0] > 5 * record_weights(calib, "dfa")[2]
+    assert record_weights(calib, "uniform") == [1.0, 1.0, 1.0]
+    with pytest.raises(UserError, match="weighting"):
+        record_weights(calib, "snr")
+    from exporter.quantize import QuantizeConfig
+
+    with pytest.raises(UserError, match="--finetune-weighting"):
+        QuantizeConfig(finetune_weighting="snr").validate()
