@@ -431,22 +431,21 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     seconds["calibrate"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    space = cfg.search_space()
-    a8 = cfg.a8_budget > 0
+    # a8_budget 1: every layer W4A8 with the fp8 target's e4m3, nothing to rank
+    space = cfg.a8_space() if cfg.a8_budget >= 1 else cfg.search_space()
+    rank = 0 < cfg.a8_budget < 1
     choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers(),
-                            keep_captures=a8)
+                            keep_captures=rank)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
     a8_info = None
-    if a8:
+    if cfg.a8_budget >= 1:
+        a8_info = {"budget": cfg.a8_budget, "layers": list(names), "macs_share": 1.0}
+    elif rank:
         t = time.perf_counter()
-        if cfg.a8_budget < 1:
-            say(f"8-bit activations: measuring {len(names)} layers' activation costs")
-            costs, macs = activation_costs(model, calib)
-            raised = a8_layers(costs, macs, cfg.a8_budget)
-        else:  # every layer: nothing to rank (W4A8 with the fp8 target's formats)
-            costs, macs = {}, {}
-            raised = [n for n, m in quant_layers(model) if m.a_quant.enabled]
+        say(f"8-bit activations: measuring {len(names)} layers' activation costs")
+        costs, macs = activation_costs(model, calib)
+        raised = a8_layers(costs, macs, cfg.a8_budget)
         say(f"8-bit activations: {len(raised)} of {len(names)} layers")
         # the whole search again for them: the weights' scales are refined on the 8-bit inputs
         new = search_layers(model, calib, raised, cfg.a8_space(), seed=cfg.seed, workers=search_workers())
@@ -456,7 +455,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         calib.layers.clear()
         seconds["a8"] = time.perf_counter() - t
         a8_info = {"budget": cfg.a8_budget, "layers": raised, "costs": costs, "macs": macs,
-                   "macs_share": sum(macs[n] for n in raised) / sum(macs.values()) if macs else 1.0}
+                   "macs_share": sum(macs[n] for n in raised) / sum(macs.values())}
     rows = layer_rows(model, choices)
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
                           "base_config_hash": preset.config_hash(), "random_weights": random_weights,
