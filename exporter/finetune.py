@@ -281,13 +281,17 @@ def record_weights(calib, weighting: str) -> list[float]:
 
 def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: int = 4, lr: float = 5e-4,
              batch: int = 4, seed: int = 0, progress: Callable[[str], None] | None = None,
-             before: dict | None = None, weighting: str = "dfa", fresh_noise: bool = False) -> FinetuneResult:
+             before: dict | None = None, weighting: str = "uniform", fresh_noise: bool = True) -> FinetuneResult:
     """TALoRA + DFA fine-tuning of a quantized UNet on calibration records, then freeze the router.
 
     Only the adapters and the router train (Adam); base weights and quantizer
-    parameters stay fixed. Targets are the FP noise predictions stored in the
-    calibration records (no teacher forward needed). The held-out DFA loss is
-    measured before and after (``before``: :func:`eval_metrics` already taken).
+    parameters stay fixed. ``fresh_noise``: each step noises the FP sampler's clean latents
+    (from its last calibration step) with fresh noise at a uniformly drawn timestep and the
+    target is the float model's prediction there (:func:`float_model`, one forward without
+    gradient), so the adapters see a new input every step instead of the same 8 timesteps
+    x samples; the record drawn (``weighting``) then supplies only the conditioning. Without
+    it the targets are the FP noise predictions stored in the records. The held-out DFA loss
+    is measured before and after (``before``: :func:`eval_metrics` already taken).
     """
     from .models.presets import run_unet
 
@@ -312,7 +316,7 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
     # records drawn with probability w_t / sum(w) and an unweighted MSE: the same expected gradient
     # as the DFA-weighted loss over the schedule, with far less variance (w spans decades)
     probs = torch.tensor([weights[r.step] for r in calib.records], dtype=torch.float64)
-    if fresh_noise:  # the FP sampler's clean latents, from its last step (DDPM form x = sqrt(a) x0 + sqrt(1-a) eps)
+    if fresh_noise:  # the FP sampler's clean latents from its last step (the inputs are x = sqrt(a) x0 + sqrt(1-a) eps)
         from .calibration import make_scheduler
 
         ac = make_scheduler(calib.scheduler, calib.scheduler_config).alphas_cumprod.double()

@@ -61,8 +61,8 @@ class QuantizeConfig:
     adapters: int = 4
     finetune_lr: float = 5e-4
     finetune_batch: int = 4
-    finetune_weighting: str = "dfa"  # timesteps' weights in the loss (finetune.WEIGHTINGS)
-    finetune_fresh_noise: bool = False  # experiment: teacher targets on re-noised clean latents
+    finetune_weighting: str = "uniform"  # timesteps' weights in the loss (finetune.WEIGHTINGS; measured: docs)
+    finetune_fresh_noise: bool = True  # targets: the float model on freshly noised clean latents (finetune)
     include: str | None = None  # regex: only layers whose name matches are quantized
     exclude: str | None = None  # regex: layers kept in higher precision (None: the preset's keep_fp)
     keep_fp_shortcuts: bool = True  # with exclude None: also the last up block's conv_shortcut layers (presets.last_up_shortcuts)
@@ -82,6 +82,8 @@ class QuantizeConfig:
             raise UserError(f"unknown scheme {self.scheme!r}; use one of {', '.join(SCHEMES)}")
         if self.search not in ("pruned", "exhaustive"):
             raise UserError(f"search must be 'pruned' or 'exhaustive', got {self.search!r}")
+        if not isinstance(self.finetune_fresh_noise, bool):
+            raise UserError(f"finetune_fresh_noise must be true or false, got {self.finetune_fresh_noise!r}")
         if self.finetune_weighting not in WEIGHTINGS:
             raise UserError(f"--finetune-weighting must be one of {', '.join(WEIGHTINGS)}, "
                             f"got {self.finetune_weighting!r}")
@@ -481,7 +483,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
                        weighting=cfg.finetune_weighting, fresh_noise=cfg.finetune_fresh_noise)
         ft = dataclasses.asdict(res)
         ft.update({"rank": cfg.lora_rank, "adapters": cfg.adapters, "lr": cfg.finetune_lr,
-                   "weighting": cfg.finetune_weighting})
+                   "weighting": cfg.finetune_weighting, "fresh_noise": cfg.finetune_fresh_noise})
         seconds["finetune"] = res.seconds
         if evaluate:
             metrics.update({f"finetuned_{k}": v for k, v in eval_metrics(model, calib).items()})

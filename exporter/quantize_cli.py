@@ -26,8 +26,9 @@ A8_BUDGET_HELP = ("w4a4: give 8-bit e4m3 activations to the layers whose 4-bit a
                   "error per MAC, until this share of the quantized layers' MACs (0..1; default 0, 1 = W4A8 "
                   "everywhere). Free in speed on the fp8 target (Ada/Hopper runs W4A4 layers as FP8 GEMMs "
                   "anyway); docs/quantization.md, 'Quality on a trained model'")
-WEIGHTING_HELP = ("timesteps' weights in the fine-tuning loss: dfa (b_t^2, the next latent's error; "
-                  "default) or uniform (the noise prediction's error at every step)")
+WEIGHTING_HELP = ("timesteps' weights in the fine-tuning loss: uniform (the noise prediction's error at every "
+                  "step; default) or dfa (b_t^2, the next latent's error, MSFP's DFA: most steps then go to the "
+                  "noisiest timestep); docs/quantization.md")
 THREADS_HELP = ("torch CPU threads for calibration and fine-tuning math (default 1). The checkpoint depends "
                 "on this number and not on the machine; layer searches use every core either way")
 
@@ -81,7 +82,10 @@ def register(subparsers) -> None:
     g.add_argument("--finetune-steps", type=int, metavar="N", help="0 = PTQ only (default: preset, per device)")
     g.add_argument("--lora-rank", type=int, default=4, metavar="R", help="rank of each TALoRA adapter (default 4)")
     g.add_argument("--adapters", type=int, default=4, metavar="K", help="TALoRA adapters per layer (default 4)")
-    g.add_argument("--finetune-weighting", choices=("dfa", "uniform"), default="dfa", help=WEIGHTING_HELP)
+    g.add_argument("--finetune-fresh-noise", action=argparse.BooleanOptionalAction, default=True,
+                   help="targets: the float model on the calibration's clean latents noised afresh at a random "
+                        "timestep each step (default), or (--no-...) the stored calibration predictions")
+    g.add_argument("--finetune-weighting", choices=("dfa", "uniform"), default="uniform", help=WEIGHTING_HELP)
     p.add_argument("--seed", type=int, default=0, help="seed for random weights, latents and embeddings")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
@@ -100,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         scheme=args.scheme, calib_samples=args.calib_samples, calib_steps=args.calib_steps,
         resolution=args.calib_resolution, scheduler=args.scheduler, calib_embeddings=args.calib_embeddings,
         finetune_steps=args.finetune_steps, lora_rank=args.lora_rank, adapters=args.adapters,
-        finetune_weighting=args.finetune_weighting,
+        finetune_weighting=args.finetune_weighting, finetune_fresh_noise=args.finetune_fresh_noise,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
         mixup=args.mixup, mixed_precision=args.mixed_precision, nvfp4=args.nvfp4, seed=args.seed,
         keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget,

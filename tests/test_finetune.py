@@ -11,8 +11,16 @@ from quant_helpers import tiny_quantized
 
 
 def test_finetuning_lowers_the_heldout_dfa_loss_and_freezes_a_table():
-    model, report = tiny_quantized(finetune_steps=12)
+    from exporter.quantize import quantize_model
+    from quant_helpers import TEST_CALIB, tiny_fp
+
+    # DFA weighting on the stored records: nearly every step draws the same record, so the first and
+    # last step's losses compare (uniform weighting and fresh noise draw inputs whose losses differ by
+    # decades)
+    model, report = quantize_model("sdxl-tiny", model=tiny_fp(), finetune_steps=12, finetune_weighting="dfa",
+                                   finetune_fresh_noise=False, **TEST_CALIB)
     ft = report.finetune
+    assert ft["weighting"] == "dfa"
     # the training loss falls; the held-out loss of 12 steps on a random-weight model may not
     # (issue 11: measured going up on another machine), so it is bounded, not required to fall
     assert ft["loss_last"] < ft["loss_first"]
@@ -84,3 +92,24 @@ def test_record_weights_dfa_or_uniform():
 
     with pytest.raises(UserError, match="--finetune-weighting"):
         QuantizeConfig(finetune_weighting="snr").validate()
+
+
+def test_float_model_is_the_float_unet_and_restores_the_quantized_one():
+    """The fresh-noise teacher: quantizers off and LoRAs detached give the FP UNet's output."""
+    from exporter.finetune import float_model
+    from quant_helpers import tiny_fp
+
+    model, report = tiny_quantized(finetune_steps=12)
+    assert report.finetune["fresh_noise"] and report.finetune["weighting"] == "uniform"  # the defaults
+    kwargs = _kwargs(get_preset("sdxl-tiny").example_inputs(batch=2, timestep=300.0))
+    with torch.no_grad():
+        want = tiny_fp()(**kwargs)[0]
+        quantized = model(**kwargs)[0]
+        with float_model(model):
+            teacher = model(**kwargs)[0]
+        again = model(**kwargs)[0]
+    assert torch.allclose(teacher, want, rtol=1e-4, atol=1e-5)
+    assert (quantized - want).norm() > 100 * (teacher - want).norm()
+    torch.testing.assert_close(again, quantized, rtol=0, atol=0)  # quantizers and LoRAs back
+    assert all(isinstance(m.lora, TALoRA) and m.w_quant.enabled and m.a_quant.enabled
+               for _, m in quant_layers(model))
