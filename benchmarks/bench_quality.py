@@ -13,7 +13,7 @@ perfect, so 1.00 = no loss from quantization). Variants, all W4A4 through
 exporter.quantize.quantize_model on the folder (the generic ``unet`` preset, its keep_fp layers):
   (a) PTQ, seeded random calibration embeddings (what a user without prompts gets), no fine-tuning
   (b) PTQ, the model's real class embeddings (OUT/calib_embeddings.safetensors)
-  (c) (b) + TALoRA / DFA fine-tuning
+  (c) (b) + TALoRA fine-tuning (the quantize stage's defaults: uniform weights, fresh noise)
 (bs) / (cs): (b) / (c) with ``keep_fp_shortcuts`` (the last up block's skip conv_shortcut layers
 kept in higher precision, the fix the ablation points to). The last variant listed is also exported (reference ONNX target: FP4 numerics as standard ops) and run in ONNX Runtime.
 ``sens`` is the chaos check of issue #11: relative output change when the input is scaled by
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     off = {"keep_fp_shortcuts": False}  # (a)-(c): every layer but the preset's keep-list W4A4
     specs = {"a": ("PTQ, random calib embeddings", None, 0, off),
              "b": ("PTQ, real calib embeddings", emb, 0, off),
-             "c": (f"TALoRA/DFA {ft} steps, real embeddings", emb, ft, off),
+             "c": (f"TALoRA fine-tuning {ft} steps, real embeddings", emb, ft, off),
              "bs": ("(b) + last up block's shortcuts kept FP", emb, 0, {"keep_fp_shortcuts": True}),
              "cs": ("(c) + last up block's shortcuts kept FP", emb, ft, {"keep_fp_shortcuts": True})}
     for key in [v for v in args.variants.split(",") if v]:
