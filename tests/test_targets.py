@@ -625,3 +625,26 @@ def test_tensorrt_rtx_builds_the_tiny_unet_targets(targets):
     profile = unet_profile((1, 1, 2), (16, 16, 16), (7, 7, 7), 4, 32, 32)
     assert _build(targets["native"]["path"], 120, profile).engine_bytes > 0
     assert _build(targets["reference"]["path"], 89, profile).engine_bytes > 0
+
+
+@pytest.mark.parametrize("target", ["fp8", "reference"])
+def test_roofline_knows_the_shape_of_every_gemm_as_onnx_runtime_computes_it(unet_export, targets, target):
+    """exporter.roofline.static_shapes at the feeds' shapes, checked against ONNX Runtime running
+    the graph with every GEMM/Conv input and output made a graph output: all of them are known
+    (ONNX's own inference stops at the first GroupNormalization) and all are right."""
+    from exporter.roofline import gemm_layers, static_shapes
+
+    _, unet, _ = unet_export
+    model = onnx.load(targets[target]["path"])
+    feeds = _feeds(unet, 500.0)
+    shapes = static_shapes(model, {k: list(v.shape) for k, v in feeds.items()})
+    gemms = [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm", "Conv")]
+    names = sorted({n.input[0] for n in gemms} | {n.output[0] for n in gemms})
+    assert not [n for n in names if n not in shapes]
+    outputs = {o.name for o in model.graph.output}
+    model.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None)
+                              for n in names if n not in outputs and n not in feeds)
+    got = dict(zip([o.name for o in model.graph.output], _session_model(model).run(None, feeds)))
+    wrong = {n: (shapes[n], list(got[n].shape)) for n in names if n in got and list(got[n].shape) != shapes[n]}
+    assert not wrong
+    assert len(gemm_layers(model, {k: list(v.shape) for k, v in feeds.items()})) == len(gemms)
