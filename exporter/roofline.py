@@ -133,6 +133,12 @@ def gemm_layers(model, input_shapes: dict[str, list[int]]) -> list[dict]:
     """[{"node", "op", "flops", "weight_elems", "act_elems"}] for every MatMul / Gemm / Conv of an
     ONNX model (weights need not be loaded) at the given input shapes."""
     shapes = static_shapes(model, input_shapes)
+    # an operand computed from a non-scalar input is an activation (attention's K and V), not a
+    # weight; the scalar timestep only selects weights (TALoRA's Gather of codes)
+    data = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) > 0}
+    for n in model.graph.node:
+        if any(i in data for i in n.input):
+            data.update(n.output)
     rows = []
     for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm", "Conv"):
@@ -144,8 +150,10 @@ def gemm_layers(model, input_shapes: dict[str, list[int]]) -> list[dict]:
             k = int(np.prod(w[1:]))  # C_in/groups * kh * kw
         else:
             k = a[-1]
+        act = int(np.prod(a)) + int(np.prod(y))
+        weight = 0 if n.input[1] in data else int(np.prod(w))
         rows.append({"node": n.name, "op": n.op_type, "flops": 2 * int(np.prod(y)) * k,
-                     "weight_elems": int(np.prod(w)), "act_elems": int(np.prod(a)) + int(np.prod(y))})
+                     "weight_elems": weight, "act_elems": act + (int(np.prod(w)) - weight)})
     return rows
 
 
