@@ -168,14 +168,19 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
 # ---------------------------------------------------------------------------------------------
 # NVFP4 subgraph
 # ---------------------------------------------------------------------------------------------
-def fp4_weight(name: str, codes: np.ndarray) -> gs.Constant:
-    """A FLOAT4E2M1 initializer holding e2m1 codes [N, K] as they are (two a byte, element 0 in
-    the low nibble: the same bytes as exporter.packing's 4-bit layout)."""
+def fp4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """A FLOAT4E2M1 tensor holding e2m1 codes [N, K] as they are (two a byte, element 0 in the
+    low nibble: the same bytes as exporter.packing's 4-bit layout)."""
     t = onnx.TensorProto()
     t.name, t.data_type = name, onnx.TensorProto.FLOAT4E2M1
     t.dims.extend(codes.shape)
     t.raw_data = pack(codes.astype(np.uint8), 4).tobytes()
-    return gs.Constant(name, LazyValues(t))
+    return t
+
+
+def fp4_weight(name: str, codes: np.ndarray) -> gs.Constant:
+    """:func:`fp4_tensor` as a graph constant."""
+    return gs.Constant(name, LazyValues(fp4_tensor(name, codes)))
 
 
 def _v(name: str, dtype, shape=None) -> gs.Variable:
