@@ -1,9 +1,11 @@
-"""to_native_fp4: Blackwell NVFP4 (standard ONNX FLOAT4E2M1 Q/DQ) where a layer's quantization is
-expressible natively and exactly; every other quantized layer keeps its reference ops.
+"""to_native_fp4: Blackwell NVFP4 (FLOAT4E2M1 weights, TensorRT's dynamic FP4 activation
+quantizer) where a layer's quantization is expressible natively and exactly; every other
+quantized layer is left to ``to_fp8`` (FP8, exact) or to its reference ops.
 
 Runs after ``fold_lora`` and ``quantize_weights``. A layer becomes NVFP4 (the TensorRT / ModelOpt
 convention: FLOAT4E2M1 weight initializer, block size 16 along K, FP8 E4M3 block scales behind a
-DequantizeLinear by an fp32 per-tensor scale) when all of these hold (docs/targets.md says why):
+DequantizeLinear by an fp32 per-tensor scale; activations through ``trt::TRT_FP4DynamicQuantize``)
+when all of these hold (docs/targets.md says why):
 
 - it is a Linear layer computing ``x @ W^T`` (MatMul behind a ``[1, 0]`` Transpose, or Gemm with
   ``transB=1``): TensorRT's FP4 GEMMs cover matrix multiplies only, not convolutions;
@@ -12,28 +14,36 @@ DequantizeLinear by an fp32 per-tensor scale) when all of these hold (docs/targe
 - its weight codes are one constant (not a TALoRA stack selected per timestep): a FLOAT4E2M1
   weight must be an initializer feeding the DequantizeLinear;
 - K is a multiple of 16 (whole NVFP4 blocks);
-- its activation quantizer is signed ``e2m1`` with a static per-tensor scale ``s_a``.
+- its activations are NVFP4 blocks (``ActQuantizer(mode="nvfp4")``, what ``--nvfp4`` searches):
+  the export computes each block's scale ``fp8_e4m3(amax / 6 / g) * g`` in the graph and
+  quantizes by it; :func:`global_scale` recognises that subgraph by running it.
+
+Why only those activations: TensorRT fuses into its FP4 GEMM only its own dynamic quantizer,
+whose block scale follows each block's absmax; a static per-tensor FP4 Q/DQ is dequantized in a
+pointwise kernel and the GEMM runs in Float (both checked with TensorRT-RTX for SM120 in
+tests/test_engine_report.py). A static e2m1 layer is therefore left to FP8, where it runs exactly
+on tensor cores.
 
 Exactness. Our weight is ``table[code] * s_c`` with an fp32 scale per output channel. The NVFP4
 weight keeps our codes byte for byte (same nibble layout), its FP8 block scales are 1.0 and its
 per-tensor scale 1.0 (both exact), and ``s_c`` becomes a per-channel ``Mul`` after the GEMM (a
 GEMM epilogue in TensorRT): ``x @ (s_c * W)^T == (x @ W^T) * s_c`` up to fp32 rounding order.
-Activations: ``QuantizeLinear(x, s_a) -> FLOAT4E2M1 -> DequantizeLinear(s_a)`` divides in fp32
-and rounds to nearest even with saturation, exactly our e2m1 encoding (checked per layer below
-and in tests/test_targets.py with ``onnx.reference``).
+Activations: ``TRT_FP4DynamicQuantize(x, g)`` then ``DequantizeLinear(scales, g)`` and
+``DequantizeLinear(x_fp4, block 16)`` give exactly the model's values; the graph carries the op's
+semantics as a model-local function (:func:`dynamic_quantize_function`) so ONNX Runtime and
+``onnx.reference`` run it (TensorRT uses its built-in op), and each layer is checked against an
+ml_dtypes simulation (:func:`nvfp4_dynamic_quantize`) below.
 
-Dynamic per-token activations (scale = row absmax / 6) are not NVFP4: TensorRT's dynamic FP4
-quantizer (``trt::TRT_FP4DynamicQuantize``) uses block-16 scales rounded to FP8 E4M3 under a
-per-tensor scale that must be an initializer (its parser refuses a computed one), and a per-token
-export carries no calibrated range for it. Those layers stay reference ops (exact); the report
-gives the error the NVFP4 dynamic convention would add (``nvfp4_dynamic_rel_l2``, simulated with
-the best per-tensor scale for the test batch) so the trade can be judged per layer.
+Dynamic per-token activations (scale = row absmax / 6) are not NVFP4 either: the report gives
+the error switching such a layer to NVFP4 blocks would add (``nvfp4_dynamic_rel_l2``, simulated
+with the best per-tensor scale for the test batch) so the trade can be judged per layer.
 
 Every quantized layer gets a ``ctx.layer_report`` row ``{"layer", "target": "native", "impl":
 "nvfp4" | "reference ops", "why", "added_rel_l2"}``: ``added_rel_l2`` is the relative L2 error of
 the layer's output against the exact reference (float64 over the reference's fp32 dequantized
-operands) on seeded random inputs drawn uniformly from the layer's calibrated activation range
-(``+-6 s_a``), the native subgraph run by ``onnx.reference``; 0.0 for layers kept as reference ops.
+operands) on seeded random inputs over the layer's calibrated activation range (block maxima up to
+``6 * 448 * g``, one all-zero block), the native subgraph run by ``onnx.reference``; 0.0 for layers
+left to other passes.
 Options (``ctx.options``): ``native_check_tokens`` (rows of the random input; 0 skips the
 measurement and reports ``None``), ``native_seed``.
 """
