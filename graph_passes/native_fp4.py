@@ -401,7 +401,9 @@ def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tu
     """(relative L2 of the NVFP4 layer vs the exact reference, activation values identical?): the
     reference quantizes the activations with :func:`nvfp4_dynamic_quantize` (ml_dtypes casts, not
     our encoder) and multiplies float64 operands."""
+    # in the layer's dtype (an fp16 export's activations are fp16 values)
     x = _block_test_input(name, plan.a_scale, [tokens, plan.codes.shape[1]], seed)
+    x = x.astype(plan.dtype).astype(np.float32)
     x_ref = nvfp4_dynamic_quantize(x, float(plan.a_scale))
     ref = x_ref.astype(np.float64) @ reference_weight(plan).astype(np.float64).T
     if plan.bias is not None:
