@@ -33,11 +33,13 @@ from . import onnx_ops
 from .formats import Format, get_format, with_bits
 from .layers import QuantConv2d, QuantLinear, quant_layers
 from .lora import TALoRA
-from .quantizers import ActQuantizer, WeightQuantizer
+from .quantizers import ActQuantizer, WeightQuantizer, nvfp4_block_scale
 
 #: a protobuf holds at most 2 GiB; above this the weights go to one external data file
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 SUPPORTED_LAYERS = (QuantLinear, QuantConv2d)
+#: the grid of the NVFP4 block scales (exporter.quantizers.nvfp4_block_scale)
+E4M3 = get_format("e4m3")
 
 
 class ExportError(ValueError):
@@ -221,11 +223,22 @@ def _act_forward(self: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
     if self.mode == "dynamic":
         codes, scale, zp = torch.ops.export_engine.quantize_fp_dynamic(x, *args,
                                                                         self.channel_axis)
+    elif self.mode == "nvfp4":  # block scales in plain ONNX ops, then a static QuantizeFP by them
+        scale, zp = nvfp4_block_scale(x, self.scale, _round_e4m3_ops), self.zero_point
+        codes = torch.ops.export_engine.quantize_fp(x, scale, zp, *args, [self.fmt.bits])
     else:
         scale, zp = self.scale, self.zero_point
         codes = torch.ops.export_engine.quantize_fp(x, scale, zp, *args, [self.fmt.bits])
     bits = [self.fmt.bits]
     return torch.ops.export_engine.dequantize_fp(codes, scale, zp, *args, bits, x.dtype)
+
+
+def _round_e4m3_ops(v: torch.Tensor) -> torch.Tensor:
+    """v rounded to E4M3 by our ops (scale 1): what the NVFP4 block scales need in the graph."""
+    args = _fmt_args(E4M3)
+    one, zero = torch.ones((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    codes = torch.ops.export_engine.quantize_fp(v, one, zero, *args, [E4M3.bits])
+    return torch.ops.export_engine.dequantize_fp(codes, one, zero, *args, [E4M3.bits], torch.float32)
 
 
 def _weight_forward(self: WeightQuantizer, w: torch.Tensor, bits: list[int]) -> torch.Tensor:
@@ -587,22 +600,30 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
 
     last_in_layer: dict[str, object] = {}
     layers = set(layer_names)
+    named: dict[str, object] = {}
     for node in model.graph:
         scopes = _scopes(node.metadata_props.get("pkg.torch.onnx.name_scopes", ""))
         if node.domain == onnx_ops.DOMAIN:
             owner = next((p for p in reversed(scopes) if p.endswith((".a_quant", ".w_quant"))), None)
             if owner:
-                node.name = f"{owner}/{node.op_type}"
-                if debug_outputs and owner.endswith(".a_quant") and node.op_type == "QuantizeFP":
-                    layer = owner[: -len(".a_quant")]
-                    _expose(model, node.inputs[0], f"{layer}.a_in")
-                    _expose(model, node.outputs[0], f"{layer}.codes")
+                # the quantizer's own pair comes last; an earlier one of the same quantizer is
+                # the rounding of NVFP4 block scales (exporter.quantizers.nvfp4_block_scale)
+                name = f"{owner}/{node.op_type}"
+                if name in named:
+                    named[name].name = f"{owner}/block_scale/{node.op_type}"
+                node.name, named[name] = name, node
         if debug_outputs:
             for p in scopes:
                 if p in layers:
                     last_in_layer[p] = node
         node.metadata_props.clear()
         node.doc_string = None
+    if debug_outputs:
+        for name, node in named.items():
+            if name.endswith(".a_quant/QuantizeFP"):
+                layer = name[: -len(".a_quant/QuantizeFP")]
+                _expose(model, node.inputs[0], f"{layer}.a_in")
+                _expose(model, node.outputs[0], f"{layer}.codes")
     for layer, node in last_in_layer.items():
         _expose(model, node.outputs[0], f"{layer}.out")
     model.graph.metadata_props.clear()

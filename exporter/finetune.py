@@ -145,9 +145,16 @@ def timestep_embeddings(unet: nn.Module, timesteps: torch.Tensor) -> torch.Tenso
         return unet.time_embedding(t_emb).float()
 
 
+def adapted_layers(unet: nn.Module):
+    """The quantized layers that get TALoRA adapters: all but NVFP4 ones (``a_quant.mode ==
+    "nvfp4"``), whose FP4 weight must be one constant for Blackwell's FP4 GEMM, while TALoRA
+    selects weight codes per timestep."""
+    return [(n, l) for n, l in quant_layers(unet) if l.a_quant.mode != "nvfp4"]
+
+
 def add_talora(unet: nn.Module, rank: int = 4, num_adapters: int = 4, scale: float = 1.0,
                hidden: int = 64, num_train_timesteps: int = 1000, seed: int = 0) -> TALoRAController:
-    """Attach K TALoRA adapters of rank ``rank`` to every quantized layer and a router.
+    """Attach K TALoRA adapters of rank ``rank`` to every :func:`adapted_layers` layer and a router.
 
     Returns the controller (also ``unet.talora``); adapters start at zero
     (B = 0), so the model is unchanged until trained.
@@ -161,7 +168,7 @@ def add_talora(unet: nn.Module, rank: int = 4, num_adapters: int = 4, scale: flo
     with torch.random.fork_rng(devices=[]):  # seeded adapter and router initialisation
         torch.manual_seed(seed)
         ctrl = TALoRAController(num_adapters, embed_dim, num_train_timesteps, hidden)
-        for _, layer in quant_layers(unet):
+        for _, layer in adapted_layers(unet):
             layer.add_lora(TALoRA(layer.fan_in, layer.weight.shape[0], rank, ctrl.selection, scale).to(device))
     unet.talora = ctrl.to(device)
     ctrl.attach(unet)
@@ -304,7 +311,7 @@ def finetune(unet: nn.Module, calib, steps: int, rank: int = 4, num_adapters: in
     init_router_intervals(unet, ctrl, seed=seed)
     for p in unet.parameters():
         p.requires_grad_(False)
-    params = [p for _, layer in quant_layers(unet) for p in layer.lora.parameters()]
+    params = [p for _, layer in adapted_layers(unet) for p in layer.lora.parameters()]
     params += list(ctrl.router.parameters())
     for p in params:
         p.requires_grad_(True)

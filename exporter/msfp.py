@@ -39,6 +39,7 @@ import torch
 
 from .formats import SIGNED_FP4, UNSIGNED_FP4, Format, get_format, with_bits
 from .mixed_precision import allocate_bits, kurtosis, smoothing_factors
+from .quantizers import NVFP4_BLOCK, NVFP4_SCALE_MAX, nvfp4_block_scale
 
 #: AAL rule constants (see module doc)
 AAL_RATIO = 0.5
@@ -88,7 +89,7 @@ class SearchSpace:
     w_formats: tuple[str, ...] = SIGNED_FP4
     a_signed: tuple[str, ...] = SIGNED_FP4
     a_unsigned: tuple[str, ...] = UNSIGNED_FP4  # () = signed only (no mixup)
-    a_mode: str | None = "static"  # "static" | "dynamic" | None (activations not quantized)
+    a_mode: str | None = "static"  # "static" | "dynamic" | "nvfp4" | None (not quantized)
     mixed_precision: bool = True
     smoothing: bool = True
     exhaustive: bool = False
@@ -107,10 +108,12 @@ class SearchSpace:
 def nvfp4_space(space: SearchSpace) -> SearchSpace:
     """The search space of a Linear layer that Blackwell runs natively (graph_passes.native_fp4):
     signed ``e2m1`` weights, every channel at 4 bits (no mixed precision, hence no MPQ-DM
-    smoothing), static signed ``e2m1`` activations (no unsigned formats for AALs, no per-token
-    scales). MSFP's formats are better on asymmetric inputs; NVFP4 is what FP4 tensor cores run."""
+    smoothing), and NVFP4 activations: signed ``e2m1`` in blocks of 16 with FP8 block scales
+    under a calibrated global scale (``mode="nvfp4"``, exporter.quantizers.nvfp4_block_scale; no
+    unsigned formats for AALs). That is the only activation quantizer TensorRT fuses into an FP4
+    GEMM. MSFP's formats are better on asymmetric inputs; NVFP4 is what FP4 tensor cores run."""
     return dataclasses.replace(space, w_formats=("e2m1",), a_signed=("e2m1",), a_unsigned=(),
-                               a_mode=space.a_mode and "static", mixed_precision=False, smoothing=False,
+                               a_mode=space.a_mode and "nvfp4", mixed_precision=False, smoothing=False,
                                nvfp4_linear=False)
 
 
@@ -219,13 +222,17 @@ def _search_weights(p: _Problem, xs, ws) -> tuple[str, torch.Tensor, dict]:
     return name, scale, {"proxy": {n: e for e, n, _ in scored}, "refined": {n: e for e, n, _ in refined}}
 
 
-def _act_params(fmt: Format, clip: float, lo: float, hi: float):
+def _act_params(fmt: Format, clip: float, lo: float, hi: float, mode: str = "static"):
+    if mode == "nvfp4":  # the global scale: the calibrated absmax is the largest FP8 block scale
+        return max(clip * max(abs(lo), abs(hi)) / fmt.max / NVFP4_SCALE_MAX, 1e-12), None
     if fmt.signed:
         return max(clip * max(abs(lo), abs(hi)) / fmt.max, 1e-8), None
     return max(clip * (hi - lo) / fmt.max, 1e-8), lo
 
 
 def _act_quant(x: torch.Tensor, fmt: Format, mode: str, scale, zero):
+    if mode == "nvfp4":
+        return fake_quant(x, fmt, nvfp4_block_scale(x, torch.tensor(scale)))
     if mode == "dynamic":
         if fmt.signed:
             s = (x.abs().amax(-1, keepdim=True) / fmt.max).clamp_min(1e-8)
@@ -238,11 +245,12 @@ def _act_quant(x: torch.Tensor, fmt: Format, mode: str, scale, zero):
 def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode, refine: bool = True) -> tuple[tuple, dict]:
     """Best (format, clip, scale, zero, error) for the activation quantizer (``refine=False``:
     the proxy's favourite alone, scored by output error)."""
-    clips = (1.0,) if mode == "dynamic" else p.space.a_clips
+    # run-time scales (per token, per block): the calibrated range only bounds them
+    clips = (1.0,) if mode in ("dynamic", "nvfp4") else p.space.a_clips
 
     def out_err(name, ci):
         fmt = get_format(name)
-        scale, zero = _act_params(fmt, clips[ci], lo, hi)
+        scale, zero = _act_params(fmt, clips[ci], lo, hi, mode)
         xq = _act_quant(xs, fmt, mode, scale, zero)
         return float((xq @ wq_r.T - p.y_r).pow(2).sum()), name, clips[ci], scale, zero
 
@@ -259,8 +267,8 @@ def _search_activations(p: _Problem, xs, wq_r, formats, lo, hi, mode, refine: bo
         xp = xs if p.proxy is None else xs[p.proxy]
     for name in formats:
         fmt = get_format(name)
-        params = [_act_params(fmt, c, lo, hi) for c in clips]
-        if mode == "dynamic":
+        params = [_act_params(fmt, c, lo, hi, mode) for c in clips]
+        if mode in ("dynamic", "nvfp4"):
             errs = [float((_act_quant(xp, fmt, mode, *params[0]) - xp).pow(2).sum())]
         else:
             scale = torch.tensor([sp for sp, _ in params])[:, None]
@@ -313,7 +321,9 @@ def search_layer(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, ch
     gen = torch.Generator().manual_seed(seed)
     p = _Problem(x, w, space, gen)
     aal = is_aal(float(ch_min.min()), float(ch_max.max()))
-    mode = space.a_mode if (space.a_mode != "dynamic" or taps == 1) else "static"
+    mode = space.a_mode
+    if (mode == "dynamic" and taps != 1) or (mode == "nvfp4" and (taps != 1 or x.shape[1] % NVFP4_BLOCK)):
+        mode = "static"  # per-token needs token rows; NVFP4 whole blocks of 16 features
     a_formats = tuple(space.a_signed) + (tuple(space.a_unsigned) if aal else ())
 
     def smoothed(smooth):  # (x, w, input min, input max) with the option applied

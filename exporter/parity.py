@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import QuantConv2d, QuantLinear, quant_layers
+from .quantizers import nvfp4_block_scale
 
 
 @dataclass
@@ -127,6 +128,8 @@ def torch_act_codes(layer, a_in: torch.Tensor) -> torch.Tensor:
     q = layer.a_quant
     if q.mode == "dynamic":
         scale, zp = q.dynamic_params(a_in)
+    elif q.mode == "nvfp4":
+        scale, zp = nvfp4_block_scale(a_in, q.scale.detach()), None
     else:
         scale, zp = q.scale.detach().float(), (None if q.fmt.signed else q.zero_point.detach().float())
     xf = a_in.float()

@@ -16,9 +16,9 @@ from pathlib import Path
 from .cli import EXIT_OK, UserError
 
 
-NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, static "
-              "signed e2m1 activations) so the native target runs them on FP4 tensor cores; "
-              "convolutions keep MSFP")
+NVFP4_HELP = ("Blackwell: quantize Linear layers the NVFP4 way (signed e2m1 weights at 4 bits, e2m1 "
+              "activations in blocks of 16 with FP8 block scales, no TALoRA) so the native target runs "
+              "them as FP4 GEMMs; convolutions keep MSFP")
 SHORTCUTS_HELP = ("keep the last up block's skip shortcuts (conv_shortcut) in higher precision (default; "
                   "--no-keep-fp-shortcuts quantizes them): on a trained UNet they carry ~40%% of the W4A4 loss "
                   "for <1%% of the FLOPs (docs/quantization.md, 'Quality on a trained model')")

@@ -9,13 +9,43 @@ fine-tuning can train them. ``z`` is used only with unsigned formats
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .formats import Format, get_format, with_bits
 
 #: smallest scale a dynamic quantizer uses, so an all-zero token stays finite
 DYNAMIC_EPS = 1e-8
-ACT_MODES = ("static", "dynamic")
+ACT_MODES = ("static", "dynamic", "nvfp4")
+#: NVFP4 activations: e2m1 values in blocks of this many along the feature axis, each block's
+#: scale an FP8 E4M3 value (at most this) times the per-tensor global scale
+NVFP4_BLOCK, NVFP4_SCALE_MAX = 16, 448.0
+
+
+def _round_e4m3(v: torch.Tensor) -> torch.Tensor:
+    return v.to(torch.float8_e4m3fn).float()
+
+
+def nvfp4_block_scale(x: torch.Tensor, global_scale: torch.Tensor, round_e4m3=_round_e4m3) -> torch.Tensor:
+    """Each element's NVFP4 block scale, shaped like x (float32): per block of 16 along the last
+    axis ``s = fp8_e4m3(min(amax / 6 / g, 448)) * g``, TensorRT's dynamic FP4 quantizer
+    (``trt::TRT_FP4DynamicQuantize``, which Blackwell's FP4 GEMMs take their activations from). An
+    all-zero block gets 1 instead of 0, so its codes are 0 without a 0 / 0 (same values).
+
+    The block max is a max-pool and the broadcast back a nearest upsampling: in ONNX neither
+    reads a shape, so the scale is a function of x alone (graph_passes.native_fp4 checks that by
+    running it). ``round_e4m3``: the export passes our e4m3 QuantizeFP/DequantizeFP (TensorRT
+    takes no Cast to FP8); on [0, 448] both round half to even to the same grid."""
+    a = x.float().abs()
+    if a.dim() not in (2, 3):
+        raise ValueError(f"nvfp4 activations need a [tokens, K] or [batch, tokens, K] input, got {tuple(x.shape)}")
+    a3 = a if a.dim() == 3 else a.unsqueeze(0)
+    amax = F.max_pool1d(a3, NVFP4_BLOCK, NVFP4_BLOCK)
+    g = global_scale.float()
+    s = round_e4m3((amax / 6.0 / g).clamp(max=NVFP4_SCALE_MAX)) * g
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    s = F.interpolate(s, scale_factor=NVFP4_BLOCK, mode="nearest")
+    return s if a.dim() == 3 else s.squeeze(0)
 
 
 def fake_quantize(x: torch.Tensor, fmt: Format, scale, zero_point=None) -> torch.Tensor:
@@ -85,6 +115,9 @@ class ActQuantizer(nn.Module):
     for unsigned formats). ``mode="dynamic"``: FP4DiT's per-token mode, each
     token's scale from its own range at run time (signed: absmax / max;
     unsigned: zero point = token min, scale = (max - min) / max).
+    ``mode="nvfp4"`` (signed e2m1, Linear layers, features a multiple of 16):
+    Blackwell's NVFP4 activations, ``scale`` is the calibrated global scale g and
+    each block of 16 features gets :func:`nvfp4_block_scale` at run time.
     ``channel_axis`` is the feature axis (-1 for Linear, 1 for Conv2d); a
     "token" is every other index.
     """
@@ -93,6 +126,8 @@ class ActQuantizer(nn.Module):
         super().__init__()
         if mode not in ACT_MODES:
             raise ValueError(f"activation mode must be one of {ACT_MODES}, got {mode!r}")
+        if mode == "nvfp4" and (fmt != "e2m1" or channel_axis != -1):
+            raise ValueError(f"nvfp4 activations are e2m1 along the last axis, got {fmt} on axis {channel_axis}")
         self.fmt = get_format(fmt)
         self.mode = mode
         self.channel_axis = channel_axis
@@ -121,6 +156,8 @@ class ActQuantizer(nn.Module):
             return x
         if self.mode == "dynamic":
             scale, zp = self.dynamic_params(x)
+        elif self.mode == "nvfp4":
+            scale, zp = nvfp4_block_scale(x, self.scale), None
         else:
             scale, zp = self.scale, (None if self.fmt.signed else self.zero_point)
         return fake_quantize(x, self.fmt, scale, zp)

@@ -52,41 +52,108 @@ def peak(gpu: Gpu, precision: str) -> float:
     return gpu.half / (2 if precision == "Float" else 1)
 
 
+_SMALL = 4096  # elements: tensors this small that are computable (shape arithmetic) are evaluated
+
+
+def static_shapes(model, input_shapes: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every tensor's static shape at the given input shapes, by one pass over the nodes in order.
+
+    ONNX's own inference cannot do this for our graphs: its GroupNormalization inference gives no
+    shape, so nothing after the first norm gets one, and its data propagation stops at the
+    Reshape/Squeeze chains the exporter computes batch sizes with. Here small computable tensors
+    (shape arithmetic) are evaluated with onnx.reference, GroupNormalization keeps its input's
+    shape, and every other node goes through its schema's inference with those values.
+    """
+    import onnx
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    m = onnx.inliner.inline_local_functions(model) if model.functions else model
+    opsets = {o.domain or "ai.onnx": o.version for o in m.opset_import}
+    types: dict[str, onnx.TypeProto] = {}
+    values: dict[str, np.ndarray] = {}
+
+    def set_value(name, arr):
+        arr = np.asarray(arr)
+        values[name] = arr
+        types[name] = onnx.helper.make_tensor_type_proto(
+            onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape))
+
+    for init in m.graph.initializer:
+        types[init.name] = onnx.helper.make_tensor_type_proto(init.data_type, list(init.dims))
+        if int(np.prod(init.dims)) <= _SMALL and init.data_location != onnx.TensorProto.EXTERNAL:
+            values[init.name] = numpy_helper.to_array(init)
+    for inp in m.graph.input:
+        tt = inp.type.tensor_type
+        dims = input_shapes.get(inp.name) or [d.dim_value if d.HasField("dim_value") else None
+                                                 for d in tt.shape.dim]
+        types[inp.name] = onnx.helper.make_tensor_type_proto(tt.elem_type, dims)
+
+    def dims_of(name):
+        t = types.get(name)
+        if t is None or not t.tensor_type.HasField("shape"):
+            return None
+        d = [x.dim_value if x.HasField("dim_value") else None for x in t.tensor_type.shape.dim]
+        return None if None in d else d
+
+    for node in m.graph.node:
+        ins = [i for i in node.input if i]
+        if node.op_type == "Shape" and dims_of(node.input[0]) is not None:
+            start = next((a.i for a in node.attribute if a.name == "start"), 0)
+            end = next((a.i for a in node.attribute if a.name == "end"), None)
+            set_value(node.output[0], np.array(dims_of(node.input[0])[start:end], np.int64))
+            continue
+        if node.op_type == "GroupNormalization" and node.input[0] in types:
+            types[node.output[0]] = types[node.input[0]]
+            continue
+        if all(i in values for i in ins) and sum(values[i].size for i in ins) <= _SMALL:
+            try:  # shape arithmetic: evaluate it, so a later Reshape/Expand sees the numbers
+                outs = ReferenceEvaluator(node).run(None, {i: values[i] for i in ins})
+            except Exception:  # noqa: BLE001 - an op onnx.reference lacks: fall back to inference
+                outs = None
+            if outs is not None and all(np.asarray(o).size <= _SMALL for o in outs):
+                for name, o in zip(node.output, outs):
+                    set_value(name, o)
+                continue
+        if not all(i in types for i in ins):
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain or "ai.onnx", 1),
+                                          node.domain)
+            out = onnx.shape_inference.infer_node_outputs(
+                schema, node, {i: types[i] for i in ins},
+                {i: numpy_helper.from_array(values[i], i) for i in ins if i in values})
+        except Exception:  # noqa: BLE001 - unknown op or failed inference: its outputs stay unknown
+            continue
+        types.update(out)
+    return {name: d for name in types if (d := dims_of(name)) is not None}
+
+
 def gemm_layers(model, input_shapes: dict[str, list[int]]) -> list[dict]:
     """[{"node", "op", "flops", "weight_elems", "act_elems"}] for every MatMul / Gemm / Conv of an
     ONNX model (weights need not be loaded) at the given input shapes."""
-    import onnx
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    for inp in m.graph.input:
-        if inp.name in input_shapes:
-            dims = inp.type.tensor_type.shape.dim
-            for d, v in zip(dims, input_shapes[inp.name]):
-                d.ClearField("dim_param")
-                d.dim_value = int(v)
-    m = onnx.shape_inference.infer_shapes(m, data_prop=True)
-    shapes = {}
-    for vi in list(m.graph.value_info) + list(m.graph.input) + list(m.graph.output):
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        shapes[vi.name] = dims
-    for init in m.graph.initializer:
-        shapes[init.name] = list(init.dims)
+    shapes = static_shapes(model, input_shapes)
+    # an operand computed from a non-scalar input is an activation (attention's K and V), not a
+    # weight; the scalar timestep only selects weights (TALoRA's Gather of codes)
+    data = {i.name for i in model.graph.input if len(i.type.tensor_type.shape.dim) > 0}
+    for n in model.graph.node:
+        if any(i in data for i in n.input):
+            data.update(n.output)
     rows = []
-    for n in m.graph.node:
+    for n in model.graph.node:
         if n.op_type not in ("MatMul", "Gemm", "Conv"):
             continue
         a, w, y = shapes.get(n.input[0]), shapes.get(n.input[1]), shapes.get(n.output[0])
-        if not a or not w or not y or None in a + w + y:
+        if a is None or w is None or y is None:
             continue
         if n.op_type == "Conv":
             k = int(np.prod(w[1:]))  # C_in/groups * kh * kw
-            flops = 2 * int(np.prod(y)) * k
         else:
             k = a[-1]
-            flops = 2 * int(np.prod(y)) * k
-        rows.append({"node": n.name, "op": n.op_type, "flops": flops, "weight_elems": int(np.prod(w)),
-                     "act_elems": int(np.prod(a)) + int(np.prod(y))})
+        act = int(np.prod(a)) + int(np.prod(y))
+        weight = 0 if n.input[1] in data else int(np.prod(w))
+        rows.append({"node": n.name, "op": n.op_type, "flops": 2 * int(np.prod(y)) * k,
+                     "weight_elems": weight, "act_elems": act + (int(np.prod(w)) - weight)})
     return rows
 
 
@@ -114,9 +181,8 @@ def roofline(model, input_shapes: dict[str, list[int]], target: str, engine_repo
             for o in el["onnx_layers"]:
                 prec.setdefault(o, el["precision"])
     lo, hi = TARGET_SMS.get(target, (0, 999))
-    # GEMMs whose shapes ONNX shape inference cannot resolve at these input shapes are left out
-    # (on the SDXL fp8 target most of them: the export's symbolic value_info survives inference);
-    # the estimate says how many it covers rather than pass a partial sum for the whole UNet
+    # a GEMM whose shapes stay unknown (an op neither onnx.reference nor its schema can size) is
+    # left out, and the estimate says how many it covers rather than pass a partial sum as the UNet
     total = sum(n.op_type in ("MatMul", "Gemm", "Conv") for n in model.graph.node)
     out = {"label": "ESTIMATE (roofline over GEMMs/convs at published dense peaks; not measured)",
            "target": target, "shapes": input_shapes, "layers": len(layers), "gemm_nodes": total,

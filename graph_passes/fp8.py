@@ -155,6 +155,10 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[Fp8Plan | None, str]
         dq_in = layer.a_dq.inputs[1]
         dq_scale = a_scale if len(layer.a_q.outputs) > 1 and dq_in is layer.a_q.outputs[1] \
             else _static_scalar(graph, dq_in)
+        if a_scale is None and constant_value(graph, layer.a_q.inputs[1]) is None:
+            return None, ("activation scales are computed from the activations (NVFP4 blocks of 16): "
+                          "they vary along K, so they cannot leave the dot product; the native target "
+                          "runs such a layer as an FP4 GEMM")
         if a_scale is None or dq_scale is None or a_scale != dq_scale or not (np.isfinite(a_scale)
                                                                               and a_scale > 0):
             return None, "activation scale is not one positive per-tensor constant"

@@ -151,8 +151,11 @@ def to_onnx(graph: gs.Graph) -> onnx.ModelProto:
     used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
     have = {f.name: f for f in model.functions if f.domain == DOMAIN and f.name in used}
     missing = [f for f in functions_for(model.graph, opset) if f.name not in have]
+    # other domains' functions a pass added (native_fp4's trt::TRT_FP4DynamicQuantize), if used
+    called = {(n.domain, n.op_type) for n in model.graph.node}
+    others = [f for f in model.functions if f.domain != DOMAIN and (f.domain, f.name) in called]
     del model.functions[:]
-    model.functions.extend(sorted(list(have.values()) + missing, key=lambda f: f.name))
+    model.functions.extend(sorted(list(have.values()) + missing, key=lambda f: f.name) + others)
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
     model.ir_version = 10

@@ -1,9 +1,11 @@
-"""to_native_fp4: Blackwell NVFP4 (standard ONNX FLOAT4E2M1 Q/DQ) where a layer's quantization is
-expressible natively and exactly; every other quantized layer keeps its reference ops.
+"""to_native_fp4: Blackwell NVFP4 (FLOAT4E2M1 weights, TensorRT's dynamic FP4 activation
+quantizer) where a layer's quantization is expressible natively and exactly; every other
+quantized layer is left to ``to_fp8`` (FP8, exact) or to its reference ops.
 
 Runs after ``fold_lora`` and ``quantize_weights``. A layer becomes NVFP4 (the TensorRT / ModelOpt
 convention: FLOAT4E2M1 weight initializer, block size 16 along K, FP8 E4M3 block scales behind a
-DequantizeLinear by an fp32 per-tensor scale) when all of these hold (docs/targets.md says why):
+DequantizeLinear by an fp32 per-tensor scale; activations through ``trt::TRT_FP4DynamicQuantize``)
+when all of these hold (docs/targets.md says why):
 
 - it is a Linear layer computing ``x @ W^T`` (MatMul behind a ``[1, 0]`` Transpose, or Gemm with
   ``transB=1``): TensorRT's FP4 GEMMs cover matrix multiplies only, not convolutions;
@@ -12,28 +14,36 @@ DequantizeLinear by an fp32 per-tensor scale) when all of these hold (docs/targe
 - its weight codes are one constant (not a TALoRA stack selected per timestep): a FLOAT4E2M1
   weight must be an initializer feeding the DequantizeLinear;
 - K is a multiple of 16 (whole NVFP4 blocks);
-- its activation quantizer is signed ``e2m1`` with a static per-tensor scale ``s_a``.
+- its activations are NVFP4 blocks (``ActQuantizer(mode="nvfp4")``, what ``--nvfp4`` searches):
+  the export computes each block's scale ``fp8_e4m3(amax / 6 / g) * g`` in the graph and
+  quantizes by it; :func:`global_scale` recognises that subgraph by running it.
+
+Why only those activations: TensorRT fuses into its FP4 GEMM only its own dynamic quantizer,
+whose block scale follows each block's absmax; a static per-tensor FP4 Q/DQ is dequantized in a
+pointwise kernel and the GEMM runs in Float (both checked with TensorRT-RTX for SM120 in
+tests/test_engine_report.py). A static e2m1 layer is therefore left to FP8, where it runs exactly
+on tensor cores.
 
 Exactness. Our weight is ``table[code] * s_c`` with an fp32 scale per output channel. The NVFP4
 weight keeps our codes byte for byte (same nibble layout), its FP8 block scales are 1.0 and its
 per-tensor scale 1.0 (both exact), and ``s_c`` becomes a per-channel ``Mul`` after the GEMM (a
 GEMM epilogue in TensorRT): ``x @ (s_c * W)^T == (x @ W^T) * s_c`` up to fp32 rounding order.
-Activations: ``QuantizeLinear(x, s_a) -> FLOAT4E2M1 -> DequantizeLinear(s_a)`` divides in fp32
-and rounds to nearest even with saturation, exactly our e2m1 encoding (checked per layer below
-and in tests/test_targets.py with ``onnx.reference``).
+Activations: ``TRT_FP4DynamicQuantize(x, g)`` then ``DequantizeLinear(scales, g)`` and
+``DequantizeLinear(x_fp4, block 16)`` give exactly the model's values; the graph carries the op's
+semantics as a model-local function (:func:`dynamic_quantize_function`) so ONNX Runtime and
+``onnx.reference`` run it (TensorRT uses its built-in op), and each layer is checked against an
+ml_dtypes simulation (:func:`nvfp4_dynamic_quantize`) below.
 
-Dynamic per-token activations (scale = row absmax / 6) are not NVFP4: TensorRT's dynamic FP4
-quantizer (``trt::TRT_FP4DynamicQuantize``) uses block-16 scales rounded to FP8 E4M3 under a
-per-tensor scale that must be an initializer (its parser refuses a computed one), and a per-token
-export carries no calibrated range for it. Those layers stay reference ops (exact); the report
-gives the error the NVFP4 dynamic convention would add (``nvfp4_dynamic_rel_l2``, simulated with
-the best per-tensor scale for the test batch) so the trade can be judged per layer.
+Dynamic per-token activations (scale = row absmax / 6) are not NVFP4 either: the report gives
+the error switching such a layer to NVFP4 blocks would add (``nvfp4_dynamic_rel_l2``, simulated
+with the best per-tensor scale for the test batch) so the trade can be judged per layer.
 
 Every quantized layer gets a ``ctx.layer_report`` row ``{"layer", "target": "native", "impl":
 "nvfp4" | "reference ops", "why", "added_rel_l2"}``: ``added_rel_l2`` is the relative L2 error of
 the layer's output against the exact reference (float64 over the reference's fp32 dequantized
-operands) on seeded random inputs drawn uniformly from the layer's calibrated activation range
-(``+-6 s_a``), the native subgraph run by ``onnx.reference``; 0.0 for layers kept as reference ops.
+operands) on seeded random inputs over the layer's calibrated activation range (block maxima up to
+``6 * 448 * g``, one all-zero block), the native subgraph run by ``onnx.reference``; 0.0 for layers
+left to other passes.
 Options (``ctx.options``): ``native_check_tokens`` (rows of the random input; 0 skips the
 measurement and reports ``None``), ``native_seed``.
 """
@@ -59,6 +69,8 @@ NVFP4_OPSET = 23
 BLOCK = 16
 E2M1 = get_format("e2m1")
 FP8_MAX = 448.0
+#: TensorRT's dynamic FP4 activation quantizer, the only one its FP4 GEMMs take
+TRT_DOMAIN, DYNAMIC_QUANTIZE = "trt", "TRT_FP4DynamicQuantize"
 DEFAULT_CHECK_TOKENS = 64
 
 
@@ -107,6 +119,39 @@ def _is_e2m1(node: gs.Node) -> bool:
     return fmt.name == "e2m1" and int(node.attrs.get("bias", fmt.bias)) == fmt.bias
 
 
+def global_scale(graph: gs.Graph, layer: QuantLayer) -> np.float32 | None:
+    """The calibrated global scale g when the layer's activations are NVFP4 blocks (the export of
+    ``ActQuantizer(mode="nvfp4")``: a static QuantizeFP/DequantizeFP pair whose scale input is
+    exporter.quantizers.nvfp4_block_scale of the layer's own input), else None.
+
+    The candidate g is the layer's ``a_quant.scale`` initializer; it is accepted only if the
+    graph's scale subgraph, run on a test input, gives exactly :func:`nvfp4_block_scales` of it."""
+    from .evaluate import evaluate
+
+    s_in, x = layer.a_q.inputs[1], layer.a_q.inputs[0]
+    dq_in = layer.a_dq.inputs[1]
+    if isinstance(s_in, gs.Constant) or not (dq_in is s_in or (len(layer.a_q.outputs) > 1
+                                                                and dq_in is layer.a_q.outputs[1])):
+        return None
+    if x.shape is None:
+        return None
+    g_t = graph.tensors().get(f"{layer.name}.a_quant.scale")
+    g = constant_value(graph, g_t) if g_t is not None else None
+    if g is None or g.size != 1 or not (np.isfinite(g).all() and float(g.reshape(())) > 0):
+        return None
+    g = np.float32(g.reshape(()))
+    k = x.shape[-1]
+    if not isinstance(k, int) or k % BLOCK:
+        return None
+    x_test = _block_test_input(layer.name, g, list(x.shape), 0).astype(x.dtype or np.float32)
+    try:  # computable from the layer input alone?
+        got = np.asarray(evaluate(graph, [s_in], {x.name: x_test})[0], np.float32)
+    except Exception:  # noqa: BLE001 - it reads another input: not this quantizer
+        return None
+    want = np.repeat(nvfp4_block_scales(x_test.astype(np.float32), g), BLOCK, axis=-1)
+    return g if got.shape == want.shape and np.array_equal(got, want) else None
+
+
 def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
     """(plan, why): a plan when the layer is expressible as exact NVFP4, else None and the reason."""
     if layer.op.op not in GEMM_OPS:
@@ -143,17 +188,12 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
     if int(layer.a_q.attrs.get("dynamic", 0)):
         return None, ("dynamic per-token activation scales: NVFP4 activations are block-16 dynamic "
                       "with FP8 scales under an initializer per-tensor scale, not the same grid")
-    a_scale = constant_value(graph, layer.a_q.inputs[1])
-    dq_in = layer.a_dq.inputs[1]
-    # static mode: QuantizeFP's scale_used output (1) is its scale input
-    dq_scale = a_scale if len(layer.a_q.outputs) > 1 and dq_in is layer.a_q.outputs[1] \
-        else constant_value(graph, dq_in)
-    if (a_scale is None or a_scale.size != 1 or dq_scale is None or dq_scale.size != 1
-            or np.float32(a_scale.reshape(())) != np.float32(dq_scale.reshape(()))):
-        return None, "activation scale is not one per-tensor constant"
-    s_a = np.float32(a_scale.reshape(()))
-    if not (np.isfinite(s_a) and s_a > 0):
-        return None, f"activation scale {s_a} is not positive and finite"
+    s_a = global_scale(graph, layer)
+    if s_a is None:
+        return None, ("static per-tensor e2m1 activations: TensorRT fuses only its block-16 dynamic "
+                      "FP4 quantizer into an FP4 GEMM (a static FP4 Q/DQ is dequantized and the GEMM "
+                      "runs in Float), so this layer runs faster, and exactly, in FP8; `--nvfp4` "
+                      "quantizes Linear activations the NVFP4 way")
     x = layer.a_q.inputs[0]
     if x.dtype is not None and np.dtype(x.dtype) not in (np.float32, np.float16):
         return None, f"activation dtype {x.dtype} is not float32/float16"
@@ -168,14 +208,19 @@ def plan_layer(graph: gs.Graph, layer: QuantLayer) -> tuple[_Plan | None, str]:
 # ---------------------------------------------------------------------------------------------
 # NVFP4 subgraph
 # ---------------------------------------------------------------------------------------------
-def fp4_weight(name: str, codes: np.ndarray) -> gs.Constant:
-    """A FLOAT4E2M1 initializer holding e2m1 codes [N, K] as they are (two a byte, element 0 in
-    the low nibble: the same bytes as exporter.packing's 4-bit layout)."""
+def fp4_tensor(name: str, codes: np.ndarray) -> onnx.TensorProto:
+    """A FLOAT4E2M1 tensor holding e2m1 codes [N, K] as they are (two a byte, element 0 in the
+    low nibble: the same bytes as exporter.packing's 4-bit layout)."""
     t = onnx.TensorProto()
     t.name, t.data_type = name, onnx.TensorProto.FLOAT4E2M1
     t.dims.extend(codes.shape)
     t.raw_data = pack(codes.astype(np.uint8), 4).tobytes()
-    return gs.Constant(name, LazyValues(t))
+    return t
+
+
+def fp4_weight(name: str, codes: np.ndarray) -> gs.Constant:
+    """:func:`fp4_tensor` as a graph constant."""
+    return gs.Constant(name, LazyValues(fp4_tensor(name, codes)))
 
 
 def _v(name: str, dtype, shape=None) -> gs.Variable:
@@ -183,9 +228,10 @@ def _v(name: str, dtype, shape=None) -> gs.Variable:
 
 
 def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
-    """Nodes computing the layer from ``x`` into ``out``:
+    """Nodes computing the layer from ``x`` into ``out`` (g: the global scale):
 
-    x -[Cast f32]-> QuantizeLinear(s_a, FLOAT4E2M1) -> DequantizeLinear(s_a) -[Cast]-> x_dq
+    x -[Cast f32]-> trt::TRT_FP4DynamicQuantize(g) -> (x fp4, block scales fp8)
+      DequantizeLinear(block scales, g) -> DequantizeLinear(x fp4, axis -1, block 16) -[Cast]-> x_dq
     DequantizeLinear(fp8 ones [N, K/16], 1.0) -> DequantizeLinear(W fp4 [N, K], axis 1, block 16)
       -> (Transpose -> MatMul | Gemm transB=1) -> Mul(s_c) [-> Add(bias)] -> out
     """
@@ -197,13 +243,16 @@ def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) ->
         xin = _v(f"{name}.nvfp4.x_f32", f32)
         nodes.append(gs.Node("Cast", f"{name}/nvfp4/cast_in", {"to": onnx.TensorProto.FLOAT},
                              [x], [xin]))
-    s_a = gs.Constant(f"{name}.nvfp4.input_scale", np.asarray(plan.a_scale, f32))
-    xq = _v(f"{name}.nvfp4.x_fp4", None)
-    nodes.append(gs.Node("QuantizeLinear", f"{name}/nvfp4/input_quantize",
-                         {"output_dtype": onnx.TensorProto.FLOAT4E2M1, "saturate": 1},
-                         [xin, s_a], [xq]))
+    g = gs.Constant(f"{name}.nvfp4.input_scale_2", np.asarray(plan.a_scale, f32))
+    xq, xs = _v(f"{name}.nvfp4.x_fp4", None), _v(f"{name}.nvfp4.x_block_scale", None)
+    nodes.append(gs.Node(DYNAMIC_QUANTIZE, f"{name}/nvfp4/input_quantize",
+                         {"axis": -1, "block_size": BLOCK, "scale_type": onnx.TensorProto.FLOAT8E4M3FN},
+                         [xin, g], [xq, xs], domain=TRT_DOMAIN))
+    xsd = _v(f"{name}.nvfp4.x_block_scale_dq", f32)
+    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/input_scale_dequantize", {}, [xs, g], [xsd]))
     xdq = _v(f"{name}.nvfp4.x_dq", f32)
-    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/input_dequantize", {}, [xq, s_a], [xdq]))
+    nodes.append(gs.Node("DequantizeLinear", f"{name}/nvfp4/input_dequantize",
+                         {"axis": -1, "block_size": BLOCK}, [xq, xsd], [xdq]))
     if dt != np.float32:
         x16 = _v(f"{name}.nvfp4.x_dq_cast", dt)
         nodes.append(gs.Node("Cast", f"{name}/nvfp4/cast_dq", {"to": onnx.helper.np_dtype_to_tensor_dtype(dt)},
@@ -236,6 +285,59 @@ def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) ->
         b = gs.Constant(f"{name}.nvfp4.bias", np.asarray(plan.bias).astype(dt))
         nodes.append(gs.Node("Add", f"{name}/nvfp4/bias", {}, [scaled, b], [out]))
     return nodes
+
+
+def dynamic_quantize_function() -> onnx.FunctionProto:
+    """``trt::TRT_FP4DynamicQuantize(x, g) -> (x FLOAT4E2M1, block scales FLOAT8E4M3FN)`` as a
+    model-local function, so that ONNX Runtime's and onnx.reference's runs of the native graph
+    mean what TensorRT's built-in op computes (TensorRT-RTX still uses its own: checked in
+    tests/test_engine_report.py). Blocks of 16 along the last axis; the body is
+    :func:`nvfp4_block_scales`: ``s = fp8(min(amax / 6 / g, 448))``, codes
+    ``QuantizeLinear(x, s * g)`` (division, round half to even, saturation), an all-zero block
+    quantized by 1 (codes 0 either way)."""
+    h, T = onnx.helper, onnx.TensorProto
+
+    def const(name, value):
+        return h.make_node("Constant", [], [name], value=onnx.numpy_helper.from_array(np.asarray(value), name))
+
+    nodes = [
+        const("blk", np.array([-1, BLOCK], np.int64)), const("last", np.array([-1], np.int64)),
+        const("six", np.float32(6.0)), const("fp8max", np.float32(FP8_MAX)),
+        const("one", np.float32(1.0)), const("zero", np.float32(0.0)),
+        h.make_node("Cast", ["x"], ["xf"], to=T.FLOAT),
+        h.make_node("Cast", ["global_scale"], ["g"], to=T.FLOAT),
+        h.make_node("Shape", ["xf"], ["lead"], end=-1),
+        h.make_node("Concat", ["lead", "blk"], ["blocks"], axis=0),
+        h.make_node("Reshape", ["xf", "blocks"], ["xb"]),
+        h.make_node("Abs", ["xb"], ["ab"]),
+        h.make_node("ReduceMax", ["ab", "last"], ["amax"], keepdims=0),
+        h.make_node("Div", ["amax", "six"], ["a6"]),
+        h.make_node("Div", ["a6", "g"], ["ag"]),
+        h.make_node("Min", ["ag", "fp8max"], ["agc"]),
+        h.make_node("Cast", ["agc"], ["scale"], to=T.FLOAT8E4M3FN),
+        h.make_node("Cast", ["scale"], ["sf"], to=T.FLOAT),
+        h.make_node("Mul", ["sf", "g"], ["s"]),
+        h.make_node("Greater", ["s", "zero"], ["positive"]),
+        h.make_node("Where", ["positive", "s", "one"], ["safe"]),
+        h.make_node("QuantizeLinear", ["xf", "safe"], ["y"], axis=-1, block_size=BLOCK,
+                    output_dtype=T.FLOAT4E2M1),
+    ]
+    return h.make_function(TRT_DOMAIN, DYNAMIC_QUANTIZE, ["x", "global_scale"], ["y", "scale"], nodes,
+                           [h.make_opsetid("", NVFP4_OPSET)], attributes=["axis", "block_size", "scale_type"],
+                           doc_string="TensorRT's dynamic NVFP4 quantizer (graph_passes/native_fp4.py)")
+
+
+def add_dynamic_quantize_function(graph: gs.Graph) -> None:
+    """The local function and the ``trt`` domain import, once per graph."""
+    from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter
+
+    if not any(f.name == DYNAMIC_QUANTIZE and f.domain == TRT_DOMAIN for f in graph.functions):
+        graph.functions.append(OnnxImporter.import_function(dynamic_quantize_function(),
+                                                            model_opset=NVFP4_OPSET))
+    domains = list(graph.import_domains or [onnx.helper.make_opsetid("", int(graph.opset))])
+    if not any(d.domain == TRT_DOMAIN for d in domains):
+        domains.append(onnx.helper.make_opsetid(TRT_DOMAIN, 1))
+    graph.import_domains = domains
 
 
 def rewrite_layer(graph: gs.Graph, layer: QuantLayer, plan: _Plan) -> None:
@@ -275,6 +377,7 @@ def run_native_layer(name: str, plan: _Plan, op: str, x: np.ndarray) -> tuple[np
     nodes = emit_nvfp4(name, plan, op, xin, y)
     xdq = next(nd.outputs[0] for nd in nodes if nd.name.endswith("/nvfp4/input_dequantize"))
     g = gs.Graph(nodes=nodes, inputs=[xin], outputs=[y, xdq], opset=NVFP4_OPSET)
+    add_dynamic_quantize_function(g)
     g.outputs[1].dtype = np.float32
     model = gs.export_onnx(g)
     model.ir_version = 10
@@ -282,12 +385,26 @@ def run_native_layer(name: str, plan: _Plan, op: str, x: np.ndarray) -> tuple[np
     return np.asarray(y_out), np.asarray(xdq_out)
 
 
+def _block_test_input(name: str, g: np.float32, shape: list, seed: int) -> np.ndarray:
+    """Seeded activations over the calibrated range (block absmax up to 6 * 448 * g, tokens of
+    random magnitude), one all-zero block included; symbolic dims of ``shape`` become 8 (the
+    second to last, tokens) or 1."""
+    dims = [d if isinstance(d, int) else (8 if i == len(shape) - 2 else 1) for i, d in enumerate(shape)]
+    rng = _rng(name, seed)
+    tokens, k = int(np.prod(dims[:-1])), dims[-1]
+    x = rng.uniform(-1, 1, (tokens, k)) * np.exp(rng.uniform(-4, 0, (tokens, 1))) * 6.0 * FP8_MAX * g
+    x[0, :BLOCK] = 0.0
+    return x.reshape(dims).astype(np.float32)
+
+
 def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tuple[float, bool]:
-    """(relative L2 of the NVFP4 layer vs the exact reference, activation values identical?)."""
-    amax = 6.0 * float(plan.a_scale)
-    x = _rng(name, seed).uniform(-amax, amax, (tokens, plan.codes.shape[1])).astype(np.float32)
-    u = (x / np.float32(plan.a_scale)).astype(np.float32)
-    x_ref = (E2M1.table[E2M1.encode(u, nan="zero")] * np.float32(plan.a_scale)).astype(np.float32)
+    """(relative L2 of the NVFP4 layer vs the exact reference, activation values identical?): the
+    reference quantizes the activations with :func:`nvfp4_dynamic_quantize` (ml_dtypes casts, not
+    our encoder) and multiplies float64 operands."""
+    # in the layer's dtype (an fp16 export's activations are fp16 values)
+    x = _block_test_input(name, plan.a_scale, [tokens, plan.codes.shape[1]], seed)
+    x = x.astype(plan.dtype).astype(np.float32)
+    x_ref = nvfp4_dynamic_quantize(x, float(plan.a_scale))
     ref = x_ref.astype(np.float64) @ reference_weight(plan).astype(np.float64).T
     if plan.bias is not None:
         ref = ref + plan.bias.astype(np.float64)
@@ -295,15 +412,23 @@ def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tu
     return _rel_l2(y, ref), bool(np.array_equal(x_dq, x_ref))
 
 
-def nvfp4_dynamic_quantize(x: np.ndarray, global_scale: float) -> np.ndarray:
-    """Dequantized values of TensorRT's dynamic NVFP4 activation quantizer (simulated): per block
-    of 16 along the last axis, scale = fp8_e4m3(amax / 6 / g) * g, values rounded to e2m1."""
+def nvfp4_block_scales(x: np.ndarray, global_scale: float) -> np.ndarray:
+    """Block scales [..., K/16] of TensorRT's dynamic NVFP4 activation quantizer, by ml_dtypes:
+    ``fp8_e4m3(min(amax / 6 / g, 448)) * g``, 1 for an all-zero block (whose codes are 0 either
+    way). exporter.quantizers.nvfp4_block_scale is the PyTorch side (tested equal)."""
     xb = x.reshape(x.shape[:-1] + (-1, BLOCK)).astype(np.float32)
     g = np.float32(global_scale)
-    sb = (np.abs(xb).max(-1, keepdims=True) / np.float32(6.0) / g).astype(ml_dtypes.float8_e4m3fn)
-    s = sb.astype(np.float32) * g
-    safe = np.where(s > 0, s, np.float32(1))
-    q = (xb / safe).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s
+    amax = np.abs(xb).max(-1) / np.float32(6.0) / g
+    s = np.minimum(amax, np.float32(FP8_MAX)).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * g
+    return np.where(s > 0, s, np.float32(1))
+
+
+def nvfp4_dynamic_quantize(x: np.ndarray, global_scale: float) -> np.ndarray:
+    """Dequantized values of TensorRT's dynamic NVFP4 activation quantizer (simulated): per block
+    of 16 along the last axis, the block scale above, values rounded to e2m1 by ml_dtypes."""
+    xb = x.reshape(x.shape[:-1] + (-1, BLOCK)).astype(np.float32)
+    s = nvfp4_block_scales(x, global_scale)[..., None]
+    q = (xb / s).astype(ml_dtypes.float4_e2m1fn).astype(np.float32) * s
     return q.reshape(x.shape)
 
 
@@ -369,20 +494,22 @@ def to_native_fp4(graph: gs.Graph, ctx: PassContext) -> dict:
             continue
         row = {"layer": layer.name, "target": "native", "impl": "nvfp4", "kind": layer.kind,
                "node": f"{layer.name}/nvfp4/" + ("gemm" if layer.op.op == "Gemm" else "matmul"),
-               "why": ("Linear with e2m1 weights (4 bit) and static per-tensor e2m1 activations: "
-                       "FP4 codes as they are, FP8 block scales 1.0, channel scale after the GEMM"),
+               "why": ("Linear with e2m1 weights (4 bit) and NVFP4 block activations: weight codes "
+                       "as they are, FP8 block scales 1.0, channel scale after the GEMM; activations by "
+                       "TensorRT's dynamic FP4 quantizer with the calibrated global scale"),
                "added_rel_l2": None}
         if tokens > 0:
             rel, same = measure_nvfp4(layer.name, plan, layer.op.op, tokens, seed)
             if not same:
-                raise AssertionError(f"{layer.name}: FLOAT4E2M1 QuantizeLinear does not reproduce "
-                                     "the e2m1 activation codes")
+                raise AssertionError(f"{layer.name}: the NVFP4 activation quantizer does not "
+                                     "reproduce the reference's values")
             row["added_rel_l2"] = rel
         rewrite_layer(graph, layer, plan)
         rows.append(row)
         native += 1
     if native:
         raise_opset(graph, NVFP4_OPSET)
+        add_dynamic_quantize_function(graph)
     ctx.layer_report.extend(rows)
     measured = [r["added_rel_l2"] for r in rows if r["impl"] == "nvfp4" and r["added_rel_l2"] is not None]
     ctx.metadata["native"] = {"nvfp4": native, "reference_ops": len(rows) - native,

@@ -53,13 +53,17 @@ def _standard_ops_only(model: onnx.ModelProto) -> onnx.ModelProto:
     """Standard ops only: inline the bodies of any of our nodes ``lower_quant`` left generic (its
     ``left_generic`` count), then drop our functions and domain. Inlining serializes the model;
     ``save_graph`` calls this after streaming the weights out, so the proto stays small."""
-    from onnx.inliner import inline_local_functions
+    from onnx.inliner import inline_selected_functions
 
     from exporter.onnx_ops import DOMAIN
 
     if any(n.domain == DOMAIN for n in model.graph.node):
-        model = inline_local_functions(model)
+        ours = [(f.domain, f.name) for f in model.functions if f.domain == DOMAIN]
+        model = inline_selected_functions(model, ours)
+    # TensorRT's own ops keep their bodies (native_fp4), so ONNX Runtime can run the graph too
+    keep = [f for f in model.functions if f.domain != DOMAIN]
     del model.functions[:]
+    model.functions.extend(keep)
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(keep)

@@ -145,10 +145,21 @@ class ConvLinearStack(nn.Module):
         return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
 
 
+def make_nvfp4_activations(a_quant) -> None:
+    """Switch an activation quantizer to NVFP4 blocks, the global scale keeping its range."""
+    from exporter.quantizers import NVFP4_SCALE_MAX
+
+    with torch.no_grad():
+        old = a_quant.fmt.max
+        a_quant.set_format("e2m1")
+        a_quant.mode = "nvfp4"
+        a_quant.scale.mul_(old / 6.0 / NVFP4_SCALE_MAX)
+
+
 def nvfp4_ready_stack_export(path):
     """A hand-quantized :class:`ConvLinearStack` (signed and unsigned activations, mixed precision)
-    with fc1 made NVFP4-eligible (4-bit e2m1 weights, static e2m1 activations, the scale keeping
-    its range), exported to ``path``: TensorRT builds its targets in seconds."""
+    with fc1 made NVFP4-eligible (4-bit e2m1 weights, NVFP4 block activations whose global scale
+    keeps the calibrated range), exported to ``path``: TensorRT builds its targets in seconds."""
     from exporter.export import export_onnx
 
     torch.manual_seed(0)
@@ -157,8 +168,6 @@ def nvfp4_ready_stack_export(path):
     fc1 = dict(quant_layers(model))["fc1"]
     with torch.no_grad():
         fc1.w_quant.bits.fill_(4)
-        old = fc1.a_quant.fmt.max
-        fc1.a_quant.set_format("e2m1")
-        fc1.a_quant.scale.mul_(old / 6.0)
+        make_nvfp4_activations(fc1.a_quant)
     export_onnx(model, {"x": x}, path, timestep_input=None)
     return path

@@ -91,10 +91,21 @@ def test_writes_are_atomic_and_leave_no_partial_files(saved):
 
 
 def test_ptq_checkpoint_without_talora_round_trips(tmp_path):
+    """Some Linear layers with NVFP4 block activations (`--nvfp4`) too: the mode and its global
+    scale round-trip."""
+    from export_fixtures import make_nvfp4_activations
+
+    from exporter.layers import QuantLinear
+
     model, report = tiny_quantized()
+    linears = [l for _, l in quant_layers(model) if isinstance(l, QuantLinear) and l.a_quant.enabled
+               and l.a_quant.mode == "static" and l.weight.shape[1] % 16 == 0]
+    for layer in linears[:5]:
+        make_nvfp4_activations(layer.a_quant)
     save_checkpoint(model, tmp_path, report)
     loaded = load_checkpoint(tmp_path)
     assert getattr(loaded, "talora", None) is None
+    assert sum(l.a_quant.mode == "nvfp4" for _, l in quant_layers(loaded)) == 5
     inputs = get_preset("sdxl-tiny").example_inputs(batch=1, timestep=321.0)
     with torch.no_grad():
         assert torch.equal(run_unet(loaded, inputs), run_unet(model, inputs))

@@ -68,13 +68,16 @@ def _build_report(out, target, sm):
 
 def test_fp8_target_runs_every_quantized_layer_in_fp8_for_sm89(stack):
     out, targets = stack
-    rows = targets["fp8"]["layers"]
-    assert [r["impl"] for r in rows] == ["fp8"] * 4 and {r["kind"] for r in rows} == {"conv", "linear"}
-    assert any("zero point" in r["why"] for r in rows)  # an unsigned (post-SiLU / GELU) layer
+    rows = {r["layer"]: r for r in targets["fp8"]["layers"]}
+    # fc1's NVFP4 block activations have scales along K: no FP8 GEMM can take them
+    assert {n: r["impl"] for n, r in rows.items()} == {"conv1": "fp8", "conv2": "fp8", "fc1": "reference ops",
+                                                      "fc2": "fp8"}
+    assert "NVFP4" in rows["fc1"]["why"] and {r["kind"] for r in rows.values()} == {"conv", "linear"}
+    assert any("zero point" in r["why"] for r in rows.values())  # an unsigned (post-SiLU / GELU) layer
     report = _build_report(out, targets["fp8"], 89)
     got = {q["layer"]: (q["kind"], q["precision"]) for q in report["quantized"]}
-    assert got == {"conv1": ("conv", "FP8"), "conv2": ("conv", "FP8"), "fc1": ("gemm", "FP8"),
-                   "fc2": ("gemm", "FP8")}, report["quantized"]
+    assert {k: v for k, v in got.items() if k != "fc1"} == {
+        "conv1": ("conv", "FP8"), "conv2": ("conv", "FP8"), "fc2": ("gemm", "FP8")}, report["quantized"]
     assert report["summary"]["weight_bytes"].get("FP8", 0) > 0
     assert (out / "reports_89" / "engine_layers.json").is_file()
     assert "| fc1 |" in (out / "reports_89" / "engine_layers.md").read_text()
@@ -96,9 +99,42 @@ def test_native_target_runs_the_layers_nvfp4_cannot_take_in_fp8_for_sm120(native
     assert report["summary"]["weight_bytes"].get("FP4", 0) > 0
 
 
-@pytest.mark.xfail(strict=True, reason="TensorRT-RTX 1.7 (SM120) dequantizes our NVFP4 pattern (static "
-                   "per-tensor FP4 activation Q/DQ, block-16 weight DQ) in a pointwise kernel and runs "
-                   "the GEMM in Float; see docs/targets.md")
 def test_native_nvfp4_layer_runs_as_an_fp4_gemm_for_sm120(native_sm120):
     _, report = native_sm120
     assert {q["layer"]: q["precision"] for q in report["quantized"]}["fc1"] == "FP4"
+
+
+def test_tensorrt_rtx_runs_a_static_per_tensor_fp4_activation_gemm_in_float(tmp_path):
+    """Why the native target gives static per-tensor e2m1 layers to FP8 and NVFP4 only to block
+    activations (test above): the same FP4 weight behind a static FP4 QuantizeLinear/
+    DequantizeLinear of the activations is dequantized in a pointwise kernel and the GEMM runs in
+    Float for SM120. If a TensorRT fuses it one day, this fails and the rule can be revisited."""
+    pytest.importorskip("tensorrt_rtx")
+    import ml_dtypes
+    import numpy as np
+    import onnx
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    from exporter.engine import build_engine
+    from exporter.engine_report import parse_layer_lines
+    from graph_passes.native_fp4 import fp4_tensor
+
+    m, k, n = 64, 256, 128
+    codes = np.random.default_rng(0).integers(0, 16, size=(n, k), dtype=np.uint8)
+    inits = [fp4_tensor("w", codes),  # our FP4 layout, as the native pass writes it
+             nh.from_array(np.ones((n, k // 16), np.float32).astype(ml_dtypes.float8_e4m3fn), "wbs"),
+             nh.from_array(np.asarray(1.0, np.float32), "wg"), nh.from_array(np.asarray(0.01, np.float32), "s_a")]
+    nodes = [h.make_node("DequantizeLinear", ["wbs", "wg"], ["wbsd"]),
+             h.make_node("DequantizeLinear", ["w", "wbsd"], ["wd"], axis=1, block_size=16),
+             h.make_node("Transpose", ["wd"], ["wt"], perm=[1, 0]),
+             h.make_node("QuantizeLinear", ["x", "s_a"], ["xq"], output_dtype=T.FLOAT4E2M1),
+             h.make_node("DequantizeLinear", ["xq", "s_a"], ["xd"]),
+             h.make_node("MatMul", ["xd", "wt"], ["y"], name="gemm")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, [m, k])],
+                     [h.make_tensor_value_info("y", T.FLOAT, [m, n])], inits)
+    path = tmp_path / "static_fp4.onnx"
+    onnx.save(h.make_model(g, opset_imports=[h.make_opsetid("", 23)]), path)
+    res = build_engine(path, tmp_path / "static_fp4.engine", sm=120, trt_module="tensorrt_rtx",
+                       quiet=True, optimization_level=0)
+    gemms = [l for l in parse_layer_lines(res.layer_lines) if l.kind == "gemm"]
+    assert [l.precision for l in gemms] == ["Float"]

@@ -225,6 +225,37 @@ def test_hand_made_stack_matches_pytorch_layer_by_layer(tmp_path):
     assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
 
 
+def test_nvfp4_activations_export_and_match_pytorch_layer_by_layer(tmp_path):
+    """An NVFP4 layer (block scales computed in the graph, e4m3-rounded by our ops) has the
+    same codes in ONNX Runtime as in PyTorch, every block at its own scale, and the reference
+    target's lowering equals the export on other inputs too (dynamic shapes: the UNet fixture of
+    tests/test_targets.py)."""
+    from export_fixtures import make_nvfp4_activations
+
+    from graph_passes.targets import build_target
+
+    torch.manual_seed(0)
+    m, x = ConvLinearStack(c=16, d=32), torch.randn(2, 3, 8, 8)
+    quantize_by_hand(m, (x,), talora=False, exclude=None)
+    make_nvfp4_activations(dict(quant_layers(m))["fc1"].a_quant)
+    path = tmp_path / "stack.onnx"
+    export_onnx(m, {"x": x}, path, timestep_input=None, debug_outputs=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    report = parity(m, path, {"x": x})
+    assert report.whole.rel_l2 <= 1e-6, report.summary()
+    assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
+    ops = {n.name for n in onnx.load(str(path)).graph.node}
+    assert {"fc1.a_quant/QuantizeFP", "fc1.a_quant/block_scale/QuantizeFP"} <= ops
+    ref = build_target(path, "reference", tmp_path / "reference.onnx", quiet=True)
+    for seed in (1, 2):
+        xs = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 * seed
+        want = next(iter(run_onnx(path, {"x": xs}).values()))
+        got = next(iter(run_onnx(ref["path"], {"x": xs}).values()))
+        np.testing.assert_array_equal(got, want)
+        with torch.no_grad():
+            np.testing.assert_allclose(got, m(xs).numpy(), rtol=1e-5, atol=1e-6)
+
+
 def test_external_data_goes_to_one_file_and_is_deterministic(tmp_path):
     m, x = _stack()
     paths = [tmp_path / d / "stack.onnx" for d in ("a", "b")]

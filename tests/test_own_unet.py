@@ -188,3 +188,78 @@ def test_sdxl_style_unet_main_command_with_calibration_embeddings_and_verify(sdx
     report = json.loads((out / "checkpoint" / "quantized.json").read_text())["report"]
     assert report["calibration"]["embeddings"] == str(emb)
     assert main(["verify", str(out), "--steps", "2", "--seeds", "1", "--no-layers"]) == EXIT_OK
+
+
+def _tiny_tokenizer(root):
+    """A CLIPTokenizer with a letters-only vocabulary (no merges): enough to encode prompts."""
+    from transformers import CLIPTokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz,"
+    vocab = ["<|startoftext|>", "<|endoftext|>", "!"] + list(letters) + [c + "</w>" for c in letters]
+    (root / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), pad_token="!",
+                         model_max_length=77), len(vocab)
+
+
+def _text_encoder_pipeline(kind, unet_dir, root):
+    """The README recipe's input: a pipeline folder with tiny seeded text encoders (SDXL-style: two,
+    hidden states 8 + 16 = the UNet's cross_attention_dim 24, pooled 20; SD 1.5-style: one, 24)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tok, vocab = _tiny_tokenizer(root / "tok")
+
+    def config(hidden, projection=None):
+        return CLIPTextConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                              projection_dim=projection or hidden, eos_token_id=1, bos_token_id=0, pad_token_id=2)
+
+    torch.manual_seed(0)
+    if kind == "sdxl":
+        pipe = StableDiffusionXLPipeline(vae=None, text_encoder=CLIPTextModel(config(8)), tokenizer=tok,
+                                         text_encoder_2=CLIPTextModelWithProjection(config(16, 20)),
+                                         tokenizer_2=tok, unet=None, scheduler=EulerDiscreteScheduler())
+    else:
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=CLIPTextModel(config(24)), tokenizer=tok, unet=None,
+                                       scheduler=EulerDiscreteScheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    model = root / "my-model"
+    pipe.save_pretrained(model)
+    import shutil
+
+    shutil.copytree(unet_dir / "unet", model / "unet")
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_the_readme_recipe_turns_prompts_into_calibration_embeddings_the_unet_accepts(kind, sd15_dir, sdxl_dir,
+                                                                                      tmp_path):
+    """README "own weights", step 1, run as written (the python block between `python - <<'PY'`
+    and `PY`) on a pipeline folder with text encoders: the file it writes has the shapes the
+    calibration wants for that UNet, and calibration reads it."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from exporter.calibration import text_conditioning
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    (script,) = re.findall(r"python - <<'PY'\n(.*?)\nPY\n", readme, re.S)
+    model = _text_encoder_pipeline(kind, sdxl_dir if kind == "sdxl" else sd15_dir, tmp_path)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = load_file(tmp_path / "prompts.safetensors")
+    assert data["encoder_hidden_states"].shape == (3, 77, 24)
+    if kind == "sdxl":
+        assert data["text_embeds"].shape == (3, 20)
+    else:
+        assert "text_embeds" not in data
+    preset = get_preset("unet").for_model_path(str(model))
+    ehs, pooled, _ = text_conditioning(preset, 4, str(tmp_path / "prompts.safetensors"), seed=0)
+    assert ehs.shape == (4, 77, 24) and torch.equal(ehs[3], data["encoder_hidden_states"][0])
+    assert (pooled is None) == (kind == "sd15")

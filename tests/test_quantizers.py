@@ -97,6 +97,35 @@ def test_disabled_quantizers_pass_through():
 def test_bad_activation_mode_is_rejected():
     with pytest.raises(ValueError, match="static"):
         ActQuantizer("e2m1", mode="sometimes")
+    with pytest.raises(ValueError, match="nvfp4 activations are e2m1 along the last axis"):
+        ActQuantizer("e1m2", mode="nvfp4")
+    with pytest.raises(ValueError, match="nvfp4 activations are e2m1 along the last axis"):
+        ActQuantizer("e2m1", mode="nvfp4", channel_axis=1)
+
+
+@pytest.mark.parametrize("shape", [(6, 64), (2, 5, 48)])
+def test_nvfp4_activations_equal_an_ml_dtypes_simulation_of_tensorrts_quantizer(shape):
+    """mode="nvfp4": blocks of 16 along the last axis, block scale fp8_e4m3(amax / 6 / g) * g,
+    values e2m1. The reference (graph_passes.native_fp4.nvfp4_dynamic_quantize) casts with
+    ml_dtypes, not our encoder; zero blocks, saturation of the block scale at 448 and
+    out-of-range values are included."""
+    from graph_passes.native_fp4 import nvfp4_dynamic_quantize
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(shape, generator=gen) * torch.exp(2 * torch.randn(shape[:-1] + (1,), generator=gen))
+    x[..., 0, :16] = 0.0  # an all-zero block
+    g = float(x.abs().max()) / (6 * 448) / 4  # the largest blocks saturate their FP8 scale
+    q = ActQuantizer("e2m1", "nvfp4")
+    with torch.no_grad():
+        q.scale.fill_(g)
+        got = q(x).numpy()
+    want = nvfp4_dynamic_quantize(x.numpy(), g)
+    np.testing.assert_array_equal(got, want)
+    assert np.all(got[..., 0, :16] == 0)
+    # and the block scales saturate at 448 g where the block max asks for more
+    amax = np.abs(x.numpy()).reshape(-1, 16).max(1)
+    assert (amax / 6 / g > 448).any()
+    assert np.abs(got).reshape(-1, 16).max(1).max() <= 6 * 448 * g * (1 + 1e-6)
 
 
 def _best_mse(x: np.ndarray, names, zero_point: float | None) -> tuple[float, str]:
