@@ -119,6 +119,24 @@ def _is_e2m1(node: gs.Node) -> bool:
     return fmt.name == "e2m1" and int(node.attrs.get("bias", fmt.bias)) == fmt.bias
 
 
+def _upstream_constant(t: gs.Tensor, name: str, stop: gs.Tensor, limit: int = 64) -> gs.Constant | None:
+    """The constant called ``name`` among the inputs of the nodes computing ``t`` (not above
+    ``stop``; at most ``limit`` nodes): a local walk, where ``graph.tensors()`` would index the whole
+    graph once per layer (minutes on SDXL)."""
+    seen, todo = set(), [t]
+    while todo and len(seen) < limit:
+        node = producer(todo.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for i in node.inputs:
+            if isinstance(i, gs.Constant) and i.name == name:
+                return i
+            if i is not stop and not isinstance(i, gs.Constant):
+                todo.append(i)
+    return None
+
+
 def global_scale(graph: gs.Graph, layer: QuantLayer) -> np.float32 | None:
     """The calibrated global scale g when the layer's activations are NVFP4 blocks (the export of
     ``ActQuantizer(mode="nvfp4")``: a static QuantizeFP/DequantizeFP pair whose scale input is
@@ -135,7 +153,7 @@ def global_scale(graph: gs.Graph, layer: QuantLayer) -> np.float32 | None:
         return None
     if x.shape is None:
         return None
-    g_t = graph.tensors().get(f"{layer.name}.a_quant.scale")
+    g_t = _upstream_constant(s_in, f"{layer.name}.a_quant.scale", stop=x)
     g = constant_value(graph, g_t) if g_t is not None else None
     if g is None or g.size != 1 or not (np.isfinite(g).all() and float(g.reshape(())) > 0):
         return None
