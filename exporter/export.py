@@ -223,11 +223,9 @@ def _act_forward(self: ActQuantizer, x: torch.Tensor) -> torch.Tensor:
     if self.mode == "dynamic":
         codes, scale, zp = torch.ops.export_engine.quantize_fp_dynamic(x, *args,
                                                                         self.channel_axis)
-    elif self.mode == "nvfp4":  # block scales in plain ONNX ops, then a static QuantizeFP by them
-        scale, zp = nvfp4_block_scale(x, self.scale, _round_e4m3_ops), self.zero_point
-        codes = torch.ops.export_engine.quantize_fp(x, scale, zp, *args, [self.fmt.bits])
-    else:
-        scale, zp = self.scale, self.zero_point
+    else:  # nvfp4: block scales in plain ONNX ops, then a static QuantizeFP by them
+        scale = nvfp4_block_scale(x, self.scale, _round_e4m3_ops) if self.mode == "nvfp4" else self.scale
+        zp = self.zero_point
         codes = torch.ops.export_engine.quantize_fp(x, scale, zp, *args, [self.fmt.bits])
     bits = [self.fmt.bits]
     return torch.ops.export_engine.dequantize_fp(codes, scale, zp, *args, bits, x.dtype)

@@ -61,9 +61,9 @@ def _standard_ops_only(model: onnx.ModelProto) -> onnx.ModelProto:
         ours = [(f.domain, f.name) for f in model.functions if f.domain == DOMAIN]
         model = inline_selected_functions(model, ours)
     # TensorRT's own ops keep their bodies (native_fp4), so ONNX Runtime can run the graph too
-    keep = [f for f in model.functions if f.domain != DOMAIN]
+    trt_functions = [f for f in model.functions if f.domain != DOMAIN]
     del model.functions[:]
-    model.functions.extend(keep)
+    model.functions.extend(trt_functions)
     keep = [o for o in model.opset_import if o.domain != DOMAIN]
     del model.opset_import[:]
     model.opset_import.extend(keep)

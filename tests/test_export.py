@@ -211,6 +211,16 @@ def _stack(seed=0, talora=True):
     return m, x
 
 
+def _export_matches_pytorch_layer_by_layer(m, x, path):
+    """Debug export of ``m``, checked, then ONNX Runtime against PyTorch: whole output and every
+    layer's activation codes."""
+    export_onnx(m, {"x": x}, path, timestep_input=None, debug_outputs=True)
+    onnx.checker.check_model(str(path), full_check=True)
+    report = parity(m, path, {"x": x})
+    assert report.whole.rel_l2 <= 1e-6, report.summary()
+    assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
+
+
 def test_hand_made_stack_matches_pytorch_layer_by_layer(tmp_path):
     m, x = _stack()
     layers = dict(quant_layers(m))
@@ -218,11 +228,7 @@ def test_hand_made_stack_matches_pytorch_layer_by_layer(tmp_path):
     assert not layers["conv2"].a_quant.fmt.signed  # unsigned with a zero point, and a LoRA
     assert layers["conv2"].lora is not None
     path = tmp_path / "stack.onnx"
-    export_onnx(m, {"x": x}, path, timestep_input=None, debug_outputs=True)
-    onnx.checker.check_model(str(path), full_check=True)
-    report = parity(m, path, {"x": x})
-    assert report.whole.rel_l2 <= 1e-6, report.summary()
-    assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
+    _export_matches_pytorch_layer_by_layer(m, x, path)
 
 
 def test_nvfp4_activations_export_and_match_pytorch_layer_by_layer(tmp_path):
@@ -239,11 +245,7 @@ def test_nvfp4_activations_export_and_match_pytorch_layer_by_layer(tmp_path):
     quantize_by_hand(m, (x,), talora=False, exclude=None)
     make_nvfp4_activations(dict(quant_layers(m))["fc1"].a_quant)
     path = tmp_path / "stack.onnx"
-    export_onnx(m, {"x": x}, path, timestep_input=None, debug_outputs=True)
-    onnx.checker.check_model(str(path), full_check=True)
-    report = parity(m, path, {"x": x})
-    assert report.whole.rel_l2 <= 1e-6, report.summary()
-    assert all(l.codes_differ == 0 for l in report.layers), report.to_dict()
+    _export_matches_pytorch_layer_by_layer(m, x, path)
     ops = {n.name for n in onnx.load(str(path)).graph.node}
     assert {"fc1.a_quant/QuantizeFP", "fc1.a_quant/block_scale/QuantizeFP"} <= ops
     ref = build_target(path, "reference", tmp_path / "reference.onnx", quiet=True)
