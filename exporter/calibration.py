@@ -7,7 +7,8 @@ UNet. Every call is kept as a :class:`CalibRecord` (inputs, the FP noise
 prediction, the step's denoising factor for DFA). While it runs, forward
 pre-hooks on the layers to quantize record, over every token of the training
 samples, per-input-channel min/max, and keep a seeded subsample of input rows
-(tokens for Linear, interior im2col patches for Conv2d) for the format search.
+(tokens for Linear, interior im2col patches for Conv2d) for the format search,
+and with ``hessians`` the input's X^T X over every token (GPTQ's Hessian).
 
 Text conditioning comes from a ``.safetensors`` file of precomputed
 embeddings (``encoder_hidden_states`` [N, L, D], ``text_embeds`` [N, P],
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UserError
+from .gptq import MAX_FAN_IN
 from .models.presets import Preset, run_unet
 
 SCHEDULERS = ("euler", "ddim")
@@ -44,6 +46,7 @@ class CalibConfig:
     embeddings: str | None = None
     holdout: int | None = None
     max_tokens: int = 512
+    hessians: bool = False  # also X^T X of each captured layer's input, for GPTQ (exporter.gptq)
 
     def __post_init__(self):
         for name in ("samples", "steps", "resolution", "max_tokens"):
@@ -84,6 +87,9 @@ class LayerCapture:
     ch_min: torch.Tensor | None = None
     ch_max: torch.Tensor | None = None
     tokens_seen: int = 0
+    #: [K, K] float32: X^T X summed over every training token (all im2col patches, padding
+    #: included), with CalibConfig.hessians and K <= gptq.MAX_FAN_IN; else None
+    h: torch.Tensor | None = None
 
     @property
     def x(self) -> torch.Tensor:
@@ -229,6 +235,9 @@ def _install_capture(model: nn.Module, names, train: list[int], S: int, cfg: Cal
         else:
             raise TypeError(f"{name}: only nn.Linear and nn.Conv2d layers can be captured, "
                             f"got {type(layer).__name__}")
+        fan_in = layer.weight[0].numel()
+        if cfg.hessians and fan_in <= MAX_FAN_IN:
+            cap.h = torch.zeros(fan_in, fan_in, device=layer.weight.device)
         captures[name] = cap
         handles.append(layer.register_forward_pre_hook(_capture_hook(cap, layer, use, S, per_call, gen)))
     return captures, handles
@@ -255,6 +264,13 @@ def _capture_hook(cap: LayerCapture, layer: nn.Module, use, S: int, per_call: in
         cap.ch_min = lo.cpu() if cap.ch_min is None else torch.minimum(cap.ch_min, lo.cpu())
         cap.ch_max = hi.cpu() if cap.ch_max is None else torch.maximum(cap.ch_max, hi.cpu())
         cap.rows.append(rows.cpu().clone())
+        if cap.h is not None:
+            if cap.kind == "conv":  # every patch the layer computes, one sample at a time (memory)
+                for xb in x:
+                    cols = F.unfold(xb[None], layer.kernel_size, layer.dilation, layer.padding, layer.stride)[0]
+                    cap.h.addmm_(cols, cols.T)
+            else:
+                cap.h.addmm_(flat.T, flat)
 
     return hook
 

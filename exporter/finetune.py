@@ -255,16 +255,20 @@ def eval_metrics(unet: nn.Module, calib) -> dict:
 
 @contextlib.contextmanager
 def float_model(unet: nn.Module):
-    """The quantized UNet as its float original: quantizers off, LoRAs detached (the teacher)."""
+    """The quantized UNet as its float original: quantizers off, LoRAs detached, and the original
+    weights where GPTQ rounded them (``float_weight``) (the teacher)."""
     layers = [m for _, m in quant_layers(unet)]
-    saved = [(m.lora, m.w_quant.enabled, m.a_quant.enabled) for m in layers]
+    saved = [(m.lora, m.w_quant.enabled, m.a_quant.enabled, m.weight.data) for m in layers]
     for m in layers:
         m.lora, m.w_quant.enabled, m.a_quant.enabled = None, False, False
+        if m.float_weight is not None:
+            m.weight.data = m.float_weight
     try:
         yield unet
     finally:
-        for m, (lora, w, a) in zip(layers, saved):
+        for m, (lora, w, a, data) in zip(layers, saved):
             m.lora, m.w_quant.enabled, m.a_quant.enabled = lora, w, a
+            m.weight.data = data
 
 
 #: how fine-tuning weights the calibration records' timesteps: "dfa" (b_t^2, the next latent's

@@ -27,6 +27,9 @@ class _QuantLayer(nn.Module):
     """Shared state of QuantLinear / QuantConv2d: weight, bias, quantizers, LoRA slot."""
 
     channel_axis = -1
+    #: the original float weight while GPTQ has replaced ``weight`` (exporter.gptq.gptq_layer);
+    #: the fine-tuning teacher (exporter.finetune.float_model) runs on it. Never saved.
+    float_weight: torch.Tensor | None = None
 
     def __init__(self, layer: nn.Module, w_fmt: str, a_fmt: str, a_mode: str):
         super().__init__()

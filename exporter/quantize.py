@@ -28,6 +28,8 @@ from .calibration import CalibConfig, CalibrationData, collect_calibration
 from .cli import UserError
 from .finetune import WEIGHTINGS, eval_metrics, finetune
 from .formats import SIGNED_FP4, UNSIGNED_FP4
+from .gptq import AUTO_MAX_BYTES as GPTQ_AUTO_MAX_BYTES
+from .gptq import gptq_layer, hessian_bytes
 from .layers import QUANT_LAYERS, quant_layers, swap_quant_layers
 from .models.presets import Preset, get_preset
 from .msfp import (SIGNED_FP8, UNSIGNED_FP8, LayerChoice, SearchSpace, apply_choice, nvfp4_space,
@@ -72,6 +74,7 @@ class QuantizeConfig:
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
     mixed_precision: bool = True  # MPQ-DM smoothing + N-1/N/N+1 bits
     nvfp4: bool = False  # Linear layers quantized the NVFP4 way (msfp.nvfp4_space), for Blackwell
+    gptq: bool | None = None  # GPTQ weight rounding (exporter.gptq); None: when its Hessians fit gptq.AUTO_MAX_BYTES
     seed: int = 0
     device: str | None = None
     evaluate: bool | None = None  # end-to-end metrics (None: only for models < 200 M parameters)
@@ -104,6 +107,8 @@ class QuantizeConfig:
         if self.a8_budget > 0 and self.scheme != "w4a4":
             raise UserError(f"--a8-budget gives some W4A4 layers 8-bit activations; scheme {self.scheme} "
                             "has no 4-bit activations to raise")
+        if self.gptq not in (None, True, False):
+            raise UserError(f"gptq must be true, false or null (automatic), got {self.gptq!r}")
         if self.finetune_steps is not None and self.finetune_steps < 0:
             raise UserError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
         if self.threads is not None and (not isinstance(self.threads, int) or isinstance(self.threads, bool)
@@ -157,6 +162,7 @@ class QuantizeReport:
     metrics: dict = field(default_factory=dict)
     finetune: dict | None = None
     a8: dict | None = None  # a8_budget: the raised layers, their share of the MACs, every layer's cost
+    gptq: dict | None = None  # GPTQ: layers, per-layer errors vs round-to-nearest (gptq_layers)
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -241,19 +247,35 @@ def select_layers(model: nn.Module, include: str | None, exclude: str | None) ->
     return quantize, keep
 
 
+def _each_layer(names: list[str], sizes: list[int], fn: Callable[[int, str], object], workers: int,
+                progress: Callable[[str], None] | None, label: str) -> dict:
+    """``fn(i, name)`` for every layer on ``workers`` Python threads, torch single-threaded (so
+    no result depends on thread settings; torch releases the GIL in its kernels, and independent
+    layers never wait for each other, which uses a busy machine's cores well); largest first, so
+    the last ones to finish are small. Returns {name: result} in ``names`` order."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    out: dict = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        order = sorted(range(len(names)), key=lambda i: -sizes[i])
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            futures = {pool.submit(fn, i, names[i]): names[i] for i in order}
+            for done, fut in enumerate(as_completed(futures), 1):
+                out[futures[fut]] = fut.result()
+                if progress and (done % max(1, len(names) // 20) == 0 or done == len(names)):
+                    progress(f"{label}: layer {done}/{len(names)}")
+    finally:
+        torch.set_num_threads(threads)
+    return {n: out[n] for n in names}
+
+
 def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], space: SearchSpace,
                   seed: int = 0, progress: Callable[[str], None] | None = None,
                   keep_captures: bool = False, workers: int = 1) -> dict[str, LayerChoice]:
-    """Run the MSFP search on each captured layer of the FP ``model`` (layer i seeded ``seed + i``).
-
-    Each layer's search runs torch single-threaded, so its result does not
-    depend on thread settings; ``workers`` layers run at once on Python
-    threads (torch releases the GIL in its kernels). Unlike OpenMP threads
-    inside one op, independent layers never wait for each other, which also
-    uses a busy machine's cores well.
-    """
-    from concurrent.futures import ThreadPoolExecutor, as_completed
-
+    """Run the MSFP search on each captured layer of the FP ``model`` (layer i seeded ``seed + i``),
+    ``workers`` layers at once (:func:`_each_layer`)."""
     def one(i: int, name: str) -> LayerChoice:
         cap = calib.layers[name] if keep_captures else calib.layers.pop(name)
         layer = model.get_submodule(name)
@@ -262,21 +284,29 @@ def search_layers(model: nn.Module, calib: CalibrationData, names: list[str], sp
         sp = nvfp4_space(space) if space.nvfp4_linear and isinstance(layer, nn.Linear) else space
         return search_layer(cap.x, w, bias, cap.ch_min, cap.ch_max, cap.taps, sp, seed=seed + i)
 
-    choices: dict[str, LayerChoice] = {}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        # largest layers first, so the last ones to finish are small
-        order = sorted(range(len(names)), key=lambda i: -model.get_submodule(names[i]).weight.numel())
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = {pool.submit(one, i, names[i]): names[i] for i in order}
-            for done, fut in enumerate(as_completed(futures), 1):
-                choices[futures[fut]] = fut.result()
-                if progress and (done % max(1, len(names) // 20) == 0 or done == len(names)):
-                    progress(f"search: layer {done}/{len(names)}")
-    finally:
-        torch.set_num_threads(threads)
-    return {n: choices[n] for n in names}
+    sizes = [model.get_submodule(n).weight.numel() for n in names]
+    return _each_layer(names, sizes, one, workers, progress, "search")
+
+
+def gptq_layers(model: nn.Module, calib: CalibrationData, keep_float: bool = False,
+                progress: Callable[[str], None] | None = None, workers: int = 1) -> dict:
+    """GPTQ-round every quantized layer of ``model`` whose capture has a Hessian (exporter.gptq),
+    ``workers`` at once; frees the Hessians. Returns the report's ``gptq`` entry: per layer the
+    calibration-set output error of round-to-nearest and of GPTQ, and the layers left at
+    round-to-nearest (fan-in over gptq.MAX_FAN_IN)."""
+    names = [n for n, _ in quant_layers(model) if n in calib.layers and calib.layers[n].h is not None]
+    skipped = [n for n, _ in quant_layers(model) if n not in names]
+
+    def one(i: int, name: str) -> dict:
+        return gptq_layer(model.get_submodule(name), calib.layers[name].h, keep_float=keep_float)
+
+    sizes = [model.get_submodule(n).weight[0].numel() ** 2 for n in names]
+    errors = _each_layer(names, sizes, one, workers, progress, "GPTQ")
+    for n in names:
+        calib.layers[n].h = None
+    rtn, gq = sum(e["rtn"] for e in errors.values()), sum(e["gptq"] for e in errors.values())
+    return {"layers": len(names), "round_to_nearest": skipped, "errors": errors,
+            "error_ratio": gq / rtn if rtn > 0 else 1.0}
 
 
 def apply_choices(model: nn.Module, choices: dict[str, LayerChoice]) -> nn.Module:
@@ -427,7 +457,10 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     names, kept = select_layers(model, cfg.include, exclude)
     if not names:
         raise UserError(f"no layer of {preset.name} matches --include {cfg.include!r} / --exclude {exclude!r}")
-    ccfg = calib_config(preset, cfg, device)
+    if cfg.gptq is None:  # automatic: when the Hessians are small next to the model
+        fan_ins = [model.get_submodule(n).weight[0].numel() for n in names]
+        cfg = dataclasses.replace(cfg, gptq=hessian_bytes(fan_ins) <= GPTQ_AUTO_MAX_BYTES)
+    ccfg = dataclasses.replace(calib_config(preset, cfg, device), hessians=cfg.gptq)
     t = time.perf_counter()
     calib = collect_calibration(model, preset, ccfg, capture=names, progress=say)
     seconds["calibrate"] = time.perf_counter() - t
@@ -437,7 +470,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     space = cfg.a8_space() if cfg.a8_budget >= 1 else cfg.search_space()
     rank = 0 < cfg.a8_budget < 1
     choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers(),
-                            keep_captures=rank)
+                            keep_captures=rank or cfg.gptq)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
     a8_info = None
@@ -454,10 +487,20 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         for name, choice in new.items():
             apply_choice(model.get_submodule(name), choice)
         choices.update(new)
-        calib.layers.clear()
         seconds["a8"] = time.perf_counter() - t
         a8_info = {"budget": cfg.a8_budget, "layers": raised, "costs": costs, "macs": macs,
                    "macs_share": sum(macs[n] for n in raised) / sum(macs.values())}
+    steps = preset.defaults(device).finetune_steps if cfg.finetune_steps is None else cfg.finetune_steps
+    gptq_info = None
+    if cfg.gptq:
+        t = time.perf_counter()
+        say("GPTQ weight rounding")
+        # the fine-tuning teacher is the float model: it keeps the original weights
+        gptq_info = gptq_layers(model, calib, keep_float=steps > 0, progress=say, workers=search_workers())
+        seconds["gptq"] = time.perf_counter() - t
+        say(f"GPTQ: {gptq_info['layers']} layers, calibration output error x{gptq_info['error_ratio']:.3f} "
+            f"of round-to-nearest ({len(gptq_info['round_to_nearest'])} layers too wide, left as they are)")
+    calib.layers.clear()
     rows = layer_rows(model, choices)
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,
                           "base_config_hash": preset.config_hash(), "random_weights": random_weights,
@@ -473,7 +516,6 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         metrics.update({f"ptq_{k}": v for k, v in eval_metrics(model, calib).items()})
     seconds["evaluate"] = time.perf_counter() - t
 
-    steps = preset.defaults(device).finetune_steps if cfg.finetune_steps is None else cfg.finetune_steps
     ft = None
     if steps > 0:
         say(f"TALoRA + DFA fine-tuning: {steps} steps, K={cfg.adapters}, rank {cfg.lora_rank}")
@@ -487,6 +529,8 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         seconds["finetune"] = res.seconds
         if evaluate:
             metrics.update({f"finetuned_{k}": v for k, v in eval_metrics(model, calib).items()})
+    for _, layer in quant_layers(model):  # the teacher's weights, no longer needed
+        layer.float_weight = None
     model.eval()
 
     report = QuantizeReport(
@@ -496,6 +540,6 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
                      "scheduler": ccfg.scheduler, "timesteps": calib.timesteps, "train": calib.train,
                      "holdout": calib.holdout, "max_tokens": ccfg.max_tokens,
                      "embeddings": ccfg.embeddings or "seeded random"},
-        metrics=metrics, finetune=ft, a8=a8_info, seconds=seconds)
+        metrics=metrics, finetune=ft, a8=a8_info, gptq=gptq_info, seconds=seconds)
     report.seconds["total"] = time.perf_counter() - t0
     return model, report

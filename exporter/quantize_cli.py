@@ -26,6 +26,10 @@ A8_BUDGET_HELP = ("w4a4: give 8-bit e4m3 activations to the layers whose 4-bit a
                   "error per MAC, until this share of the quantized layers' MACs (0..1; default 0, 1 = W4A8 "
                   "everywhere). Free in speed on the fp8 target (Ada/Hopper runs W4A4 layers as FP8 GEMMs "
                   "anyway); docs/quantization.md, 'Quality on a trained model'")
+GPTQ_HELP = ("GPTQ weight rounding: each weight's rounding error is compensated by the weights not yet "
+             "rounded, on the calibration inputs' Hessian (same formats and scales; layers with fan-in "
+             "<= 4096). Default: on when the Hessians take <= 2 GiB (tiny and small UNets; SDXL needs "
+             "6 GB, so off unless --gptq); docs/quantization.md")
 WEIGHTING_HELP = ("timesteps' weights in the fine-tuning loss: uniform (the noise prediction's error at every "
                   "step; default) or dfa (b_t^2, the next latent's error, MSFP's DFA: most steps then go to the "
                   "noisiest timestep); docs/quantization.md")
@@ -68,6 +72,7 @@ def register(subparsers) -> None:
     g.add_argument("--keep-fp-shortcuts", action=argparse.BooleanOptionalAction, default=True,
                    help=SHORTCUTS_HELP)
     g.add_argument("--a8-budget", type=float, default=0.0, metavar="F", help=A8_BUDGET_HELP)
+    g.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None, help=GPTQ_HELP)
     g.add_argument("--act-mode", choices=("static", "dynamic"), default="static",
                    help="activation scales: calibrated per tensor, or per token at run time (Linear layers)")
     g.add_argument("--search", choices=("pruned", "exhaustive"), default="pruned",
@@ -107,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         finetune_weighting=args.finetune_weighting, finetune_fresh_noise=args.finetune_fresh_noise,
         include=args.include, exclude=args.exclude, act_mode=args.act_mode, search=args.search,
         mixup=args.mixup, mixed_precision=args.mixed_precision, nvfp4=args.nvfp4, seed=args.seed,
-        keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget,
+        keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget, gptq=args.gptq,
         device=args.device, threads=args.threads)
     cfg.validate()  # bad options fail before anything is built or written
     if args.model_path and not Path(args.model_path).exists():
