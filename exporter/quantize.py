@@ -180,9 +180,12 @@ class QuantizeReport:
             f"{self.preset} {self.scheme}: {n} layers quantized, {len(self.kept_fp)} kept in higher precision",
             f"  AAL inputs {aal}, unsigned activation formats {unsigned}, smoothed {smooth}, "
             f"mixed-precision {mixed}",
-            f"  per-layer output SQNR (calibration rows): median {_median(sq):.2f} dB, "
+            f"  per-layer output SQNR (calibration rows, round-to-nearest weights): median {_median(sq):.2f} dB, "
             f"min {min(sq, default=0):.2f} dB",
         ]
+        if self.gptq:
+            lines.append(f"  GPTQ: {self.gptq['layers']} layers, weight output error x{self.gptq['error_ratio']:.3f} "
+                         f"of round-to-nearest ({len(self.gptq['round_to_nearest'])} left at round-to-nearest)")
         for k, v in self.metrics.items():
             lines.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
