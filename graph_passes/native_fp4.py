@@ -245,6 +245,15 @@ def _v(name: str, dtype, shape=None) -> gs.Variable:
     return gs.Variable(name, dtype=dtype, shape=shape)
 
 
+def emitted_op(op: str) -> str:
+    """The GEMM op the NVFP4 layer becomes: always a MatMul. A layer exported as a rank-2 Gemm
+    (SDXL's time_emb_proj) runs as a MatMul on [1, M, K] between an Unsqueeze and a Squeeze, which
+    are exact: TensorRT-RTX 1.7 segfaults building an fp16 network whose dynamic FP4 quantizer
+    feeds a rank-2 GEMM, and in fp32 runs that GEMM in Float; at rank 3 both build FP4 GEMMs
+    (tests/test_engine_report.py)."""
+    return "MatMul" if op == "Gemm" else op
+
+
 def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
     """Nodes computing the layer from ``x`` into ``out`` (g: the global scale):
 
@@ -256,6 +265,13 @@ def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) ->
     n, k = plan.codes.shape
     f32, dt = np.float32, plan.dtype
     nodes: list[gs.Node] = []
+    final = None
+    if emitted_op(op) != op:  # a rank-3 MatMul on [1, M, K] (emitted_op)
+        x3 = _v(f"{name}.nvfp4.x_rank3", dt)
+        nodes.append(gs.Node("Unsqueeze", f"{name}/nvfp4/unsqueeze", {},
+                             [x, gs.Constant(f"{name}.nvfp4.axis0", np.array([0], np.int64))], [x3]))
+        x, op, final = x3, "MatMul", out
+        out = _v(f"{name}.nvfp4.out_rank3", dt)
     xin = x
     if dt != np.float32:
         xin = _v(f"{name}.nvfp4.x_f32", f32)
@@ -302,6 +318,9 @@ def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) ->
         nodes.append(gs.Node("Mul", f"{name}/nvfp4/channel_scale", {}, [acc, s_c], [scaled]))
         b = gs.Constant(f"{name}.nvfp4.bias", np.asarray(plan.bias).astype(dt))
         nodes.append(gs.Node("Add", f"{name}/nvfp4/bias", {}, [scaled, b], [out]))
+    if final is not None:
+        nodes.append(gs.Node("Squeeze", f"{name}/nvfp4/squeeze", {},
+                             [out, gs.Constant(f"{name}.nvfp4.axis0_out", np.array([0], np.int64))], [final]))
     return nodes
 
 
@@ -427,7 +446,8 @@ def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tu
     if plan.bias is not None:
         ref = ref + plan.bias.astype(np.float64)
     y, x_dq = run_native_layer(name, plan, op, x)
-    return _rel_l2(y, ref), bool(np.array_equal(x_dq, x_ref))
+    # (a Gemm layer quantizes its activations as [1, M, K]: emitted_op)
+    return _rel_l2(y, ref), bool(np.array_equal(x_dq.reshape(x_ref.shape), x_ref))
 
 
 def nvfp4_block_scales(x: np.ndarray, global_scale: float) -> np.ndarray:
@@ -511,7 +531,7 @@ def to_native_fp4(graph: gs.Graph, ctx: PassContext) -> dict:
             rows.append(row)
             continue
         row = {"layer": layer.name, "target": "native", "impl": "nvfp4", "kind": layer.kind,
-               "node": f"{layer.name}/nvfp4/" + ("gemm" if layer.op.op == "Gemm" else "matmul"),
+               "node": f"{layer.name}/nvfp4/" + emitted_op(layer.op.op).lower(),
                "why": ("Linear with e2m1 weights (4 bit) and NVFP4 block activations: weight codes "
                        "as they are, FP8 block scales 1.0, channel scale after the GEMM; activations by "
                        "TensorRT's dynamic FP4 quantizer with the calibrated global scale"),

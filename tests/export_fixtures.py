@@ -132,8 +132,9 @@ def tiny_quant_unet(seed: int = 0, talora: bool = True):
 class ConvLinearStack(nn.Module):
     """Conv2d -> SiLU -> Conv2d -> flatten tokens -> Linear -> GELU -> Linear (hand-made)."""
 
-    def __init__(self, c: int = 8, d: int = 16):
+    def __init__(self, c: int = 8, d: int = 16, pooled: bool = False):
         super().__init__()
+        self.pooled = pooled  # tokens averaged: the Linear layers get rank-2 [batch, c] inputs
         self.conv1 = nn.Conv2d(3, c, 3, padding=1)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1, stride=2)
         self.fc1 = nn.Linear(c, d)
@@ -141,7 +142,7 @@ class ConvLinearStack(nn.Module):
 
     def forward(self, x):
         h = self.conv2(torch.nn.functional.silu(self.conv1(x)))
-        h = h.flatten(2).transpose(1, 2)
+        h = h.mean((2, 3)) if self.pooled else h.flatten(2).transpose(1, 2)
         return self.fc2(torch.nn.functional.gelu(self.fc1(h)))
 
 
@@ -156,18 +157,21 @@ def make_nvfp4_activations(a_quant) -> None:
         a_quant.scale.mul_(old / 6.0 / NVFP4_SCALE_MAX)
 
 
-def nvfp4_ready_stack_export(path):
+def nvfp4_ready_stack_export(path, fp16: bool = False, pooled: bool = False):
     """A hand-quantized :class:`ConvLinearStack` (signed and unsigned activations, mixed precision)
     with fc1 made NVFP4-eligible (4-bit e2m1 weights, NVFP4 block activations whose global scale
-    keeps the calibrated range), exported to ``path``: TensorRT builds its targets in seconds."""
-    from exporter.export import export_onnx
+    keeps the calibrated range), exported to ``path`` (``fp16``: as float16; ``pooled``: rank-2
+    Linear inputs): TensorRT builds its targets in seconds."""
+    from exporter.export import export_onnx, to_fp16
 
     torch.manual_seed(0)
-    model, x = ConvLinearStack(c=16, d=32), torch.randn(2, 3, 8, 8)
+    model, x = ConvLinearStack(c=16, d=32, pooled=pooled), torch.randn(2, 3, 8, 8)
     quantize_by_hand(model, (x,), talora=False, exclude=None)
     fc1 = dict(quant_layers(model))["fc1"]
     with torch.no_grad():
         fc1.w_quant.bits.fill_(4)
         make_nvfp4_activations(fc1.a_quant)
-    export_onnx(model, {"x": x}, path, timestep_input=None)
+    if fp16:
+        to_fp16(model)
+    export_onnx(model, {"x": x.half() if fp16 else x}, path, timestep_input=None)
     return path

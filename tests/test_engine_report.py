@@ -104,6 +104,26 @@ def test_native_nvfp4_layer_runs_as_an_fp4_gemm_for_sm120(native_sm120):
     assert {q["layer"]: q["precision"] for q in report["quantized"]}["fc1"] == "FP4"
 
 
+@pytest.mark.parametrize("fp16,pooled", [(True, True), (True, False), (False, True)])
+def test_native_nvfp4_layer_builds_as_an_fp4_gemm_in_fp16_and_at_rank_2(tmp_path, fp16, pooled):
+    """TensorRT-RTX 1.7 segfaulted building an fp16 network whose dynamic FP4 quantizer fed a
+    rank-2 Gemm (SDXL's time_emb_proj layers) and ran that Gemm in Float in fp32: the native pass
+    now emits a rank-3 MatMul there (native_fp4.emitted_op); its own check still compares the
+    layer with the reference."""
+    pytest.importorskip("tensorrt_rtx")
+    from export_fixtures import nvfp4_ready_stack_export
+
+    from graph_passes.targets import build_target
+
+    nvfp4_ready_stack_export(tmp_path / "stack.onnx", fp16=fp16, pooled=pooled)
+    native = build_target(tmp_path / "stack.onnx", "native", tmp_path / "native.onnx", quiet=True)
+    row = {r["layer"]: r for r in native["layers"]}["fc1"]
+    assert row["impl"] == "nvfp4"
+    assert row["node"].endswith("/matmul")
+    report = _build_report(tmp_path, native, 120)
+    assert {q["layer"]: q["precision"] for q in report["quantized"]}["fc1"] == "FP4"
+
+
 def test_tensorrt_rtx_runs_a_static_per_tensor_fp4_activation_gemm_in_float(tmp_path):
     """Why the native target gives static per-tensor e2m1 layers to FP8 and NVFP4 only to block
     activations (test above): the same FP4 weight behind a static FP4 QuantizeLinear/
