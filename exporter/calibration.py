@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cli import UserError
-from .gptq import MAX_FAN_IN
+from .gptq import keeps_hessian
 from .models.presets import Preset, run_unet
 
 SCHEDULERS = ("euler", "ddim")
@@ -88,7 +88,7 @@ class LayerCapture:
     ch_max: torch.Tensor | None = None
     tokens_seen: int = 0
     #: [K, K] float32: X^T X summed over every training token (all im2col patches, padding
-    #: included), with CalibConfig.hessians and K <= gptq.MAX_FAN_IN; else None
+    #: included), with CalibConfig.hessians and gptq.keeps_hessian(K); else None
     h: torch.Tensor | None = None
 
     @property
@@ -236,7 +236,7 @@ def _install_capture(model: nn.Module, names, train: list[int], S: int, cfg: Cal
             raise TypeError(f"{name}: only nn.Linear and nn.Conv2d layers can be captured, "
                             f"got {type(layer).__name__}")
         fan_in = layer.weight[0].numel()
-        if cfg.hessians and fan_in <= MAX_FAN_IN:
+        if cfg.hessians and keeps_hessian(fan_in):
             cap.h = torch.zeros(fan_in, fan_in, device=layer.weight.device)
         captures[name] = cap
         handles.append(layer.register_forward_pre_hook(_capture_hook(cap, layer, use, S, per_call, gen)))

@@ -37,9 +37,14 @@ MAX_FAN_IN = 4096
 AUTO_MAX_BYTES = 2 << 30
 
 
+def keeps_hessian(fan_in: int) -> bool:
+    """Whether the calibration keeps a layer's Hessian (wider layers keep round-to-nearest)."""
+    return fan_in <= MAX_FAN_IN
+
+
 def hessian_bytes(fan_ins) -> int:
-    """Memory of the calibration's Hessians for layers of these fan-ins (float32, K <= MAX_FAN_IN)."""
-    return sum(4 * k * k for k in fan_ins if k <= MAX_FAN_IN)
+    """Memory of the calibration's Hessians for layers of these fan-ins (float32, :func:`keeps_hessian`)."""
+    return sum(4 * k * k for k in fan_ins if keeps_hessian(k))
 
 
 def row_grids(fmt: Format, bits: torch.Tensor):
@@ -51,15 +56,6 @@ def row_grids(fmt: Format, bits: torch.Tensor):
     return (torch.tensor([f.mbits for f in rows], dtype=torch.int32),
             torch.tensor([f.emin + 127 for f in rows], dtype=torch.int32),
             torch.tensor([f.max for f in rows], dtype=torch.float32))
-
-
-def round_rows(u: torch.Tensor, mbits: torch.Tensor, emin: torch.Tensor, fmax: torch.Tensor) -> torch.Tensor:
-    """Signed float grid rounding with a different format per element (same arithmetic as
-    exporter.msfp.grid_round: one float32 add-and-subtract of a power of two)."""
-    a = u.abs().clamp(max=2.0 * fmax)
-    e = torch.maximum(a.view(torch.int32) >> 23, emin)
-    magic = ((e + (23 - mbits)) << 23).view(torch.float32)
-    return torch.minimum((a + magic) - magic, fmax).copysign(u)
 
 
 def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, mbits: torch.Tensor,
@@ -95,7 +91,7 @@ def gptq_round(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, mbits: tor
         for i in range(i2 - i1):
             col = w1[:, i]
             v = col / s
-            a = np.minimum(np.abs(v), 2.0 * fm)  # as round_rows / msfp.grid_round
+            a = np.minimum(np.abs(v), 2.0 * fm)  # msfp.grid_round's arithmetic, per row
             e = np.maximum(a.view(np.int32) >> 23, em)
             magic = ((e + shift) << 23).view(np.float32)
             qc = s * np.copysign(np.minimum((a + magic) - magic, fm), v)
@@ -125,8 +121,9 @@ def gptq_layer(layer, h: torch.Tensor, keep_float: bool = False) -> dict:
         raise ValueError(f"GPTQ needs float32 weights, got {w.dtype}")
     n = w.shape[0]
     w2 = w.reshape(n, -1)
-    taps = w2.shape[1] // layer.smooth.numel() if layer.smooth is not None else 1
-    col = None if layer.smooth is None else layer.smooth.float().repeat_interleave(taps).to(w.device)
+    # the smoothing factor of every weight column, laid out as the layer applies it
+    col = None if layer.smooth is None else \
+        (torch.ones_like(w[:1]) * layer._smooth_view(w.dim(), 1)).reshape(-1)
     ws = w2 if col is None else w2 * col
     hs = h.float() if col is None else h.float() / (col[:, None] * col[None, :])
     wq, pre = gptq_round(ws, hs, layer.w_quant.scale.detach(), *(t.to(w.device) for t in

@@ -501,8 +501,6 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         # the fine-tuning teacher is the float model: it keeps the original weights
         gptq_info = gptq_layers(model, calib, keep_float=steps > 0, progress=say, workers=search_workers())
         seconds["gptq"] = time.perf_counter() - t
-        say(f"GPTQ: {gptq_info['layers']} layers, calibration output error x{gptq_info['error_ratio']:.3f} "
-            f"of round-to-nearest ({len(gptq_info['round_to_nearest'])} layers too wide, left as they are)")
     calib.layers.clear()
     rows = layer_rows(model, choices)
     model.quantization = {"preset": preset.name, "scheme": cfg.scheme,

@@ -245,32 +245,28 @@ def _v(name: str, dtype, shape=None) -> gs.Variable:
     return gs.Variable(name, dtype=dtype, shape=shape)
 
 
-def emitted_op(op: str) -> str:
-    """The GEMM op the NVFP4 layer becomes: always a MatMul. A layer exported as a rank-2 Gemm
-    (SDXL's time_emb_proj) runs as a MatMul on [1, M, K] between an Unsqueeze and a Squeeze, which
-    are exact: TensorRT-RTX 1.7 segfaults building an fp16 network whose dynamic FP4 quantizer
-    feeds a rank-2 GEMM, and in fp32 runs that GEMM in Float; at rank 3 both build FP4 GEMMs
-    (tests/test_engine_report.py)."""
-    return "MatMul" if op == "Gemm" else op
-
-
 def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) -> list[gs.Node]:
     """Nodes computing the layer from ``x`` into ``out`` (g: the global scale):
 
     x -[Cast f32]-> trt::TRT_FP4DynamicQuantize(g) -> (x fp4, block scales fp8)
       DequantizeLinear(block scales, g) -> DequantizeLinear(x fp4, axis -1, block 16) -[Cast]-> x_dq
     DequantizeLinear(fp8 ones [N, K/16], 1.0) -> DequantizeLinear(W fp4 [N, K], axis 1, block 16)
-      -> (Transpose -> MatMul | Gemm transB=1) -> Mul(s_c) [-> Add(bias)] -> out
+      -> Transpose -> MatMul -> Mul(s_c) [-> Add(bias)] -> out
+
+    A layer exported as a rank-2 Gemm (SDXL's time_emb_proj) runs as that MatMul on [1, M, K],
+    between an Unsqueeze and a Squeeze, which are exact: TensorRT-RTX 1.7 segfaults building an
+    fp16 network whose dynamic FP4 quantizer feeds a rank-2 GEMM, and in fp32 runs that GEMM in
+    Float; at rank 3 both build FP4 GEMMs (tests/test_engine_report.py).
     """
     n, k = plan.codes.shape
     f32, dt = np.float32, plan.dtype
     nodes: list[gs.Node] = []
     final = None
-    if emitted_op(op) != op:  # a rank-3 MatMul on [1, M, K] (emitted_op)
+    if op == "Gemm":  # rank 2: the MatMul on [1, M, K] (see above)
         x3 = _v(f"{name}.nvfp4.x_rank3", dt)
         nodes.append(gs.Node("Unsqueeze", f"{name}/nvfp4/unsqueeze", {},
                              [x, gs.Constant(f"{name}.nvfp4.axis0", np.array([0], np.int64))], [x3]))
-        x, op, final = x3, "MatMul", out
+        x, final = x3, out
         out = _v(f"{name}.nvfp4.out_rank3", dt)
     xin = x
     if dt != np.float32:
@@ -304,12 +300,9 @@ def emit_nvfp4(name: str, plan: _Plan, op: str, x: gs.Tensor, out: gs.Tensor) ->
                          {"axis": 1, "block_size": BLOCK},
                          [fp4_weight(f"{name}.nvfp4.weight", plan.codes), bs], [w]))
     acc = _v(f"{name}.nvfp4.gemm_out", dt)
-    if op == "Gemm":
-        nodes.append(gs.Node("Gemm", f"{name}/nvfp4/gemm", {"transB": 1}, [xdq, w], [acc]))
-    else:
-        wt = _v(f"{name}.nvfp4.weight_t", dt, [k, n])
-        nodes.append(gs.Node("Transpose", f"{name}/nvfp4/weight_transpose", {"perm": [1, 0]}, [w], [wt]))
-        nodes.append(gs.Node("MatMul", f"{name}/nvfp4/matmul", {}, [xdq, wt], [acc]))
+    wt = _v(f"{name}.nvfp4.weight_t", dt, [k, n])
+    nodes.append(gs.Node("Transpose", f"{name}/nvfp4/weight_transpose", {"perm": [1, 0]}, [w], [wt]))
+    nodes.append(gs.Node("MatMul", f"{name}/nvfp4/matmul", {}, [xdq, wt], [acc]))
     s_c = gs.Constant(f"{name}.nvfp4.channel_scale", plan.w_scale.astype(dt))
     if plan.bias is None:
         nodes.append(gs.Node("Mul", f"{name}/nvfp4/channel_scale", {}, [acc, s_c], [out]))
@@ -446,7 +439,7 @@ def measure_nvfp4(name: str, plan: _Plan, op: str, tokens: int, seed: int) -> tu
     if plan.bias is not None:
         ref = ref + plan.bias.astype(np.float64)
     y, x_dq = run_native_layer(name, plan, op, x)
-    # (a Gemm layer quantizes its activations as [1, M, K]: emitted_op)
+    # (a Gemm layer quantizes its activations as [1, M, K]: emit_nvfp4)
     return _rel_l2(y, ref), bool(np.array_equal(x_dq.reshape(x_ref.shape), x_ref))
 
 
@@ -531,7 +524,7 @@ def to_native_fp4(graph: gs.Graph, ctx: PassContext) -> dict:
             rows.append(row)
             continue
         row = {"layer": layer.name, "target": "native", "impl": "nvfp4", "kind": layer.kind,
-               "node": f"{layer.name}/nvfp4/" + emitted_op(layer.op.op).lower(),
+               "node": f"{layer.name}/nvfp4/matmul",
                "why": ("Linear with e2m1 weights (4 bit) and NVFP4 block activations: weight codes "
                        "as they are, FP8 block scales 1.0, channel scale after the GEMM; activations by "
                        "TensorRT's dynamic FP4 quantizer with the calibrated global scale"),

@@ -108,7 +108,7 @@ def test_native_nvfp4_layer_runs_as_an_fp4_gemm_for_sm120(native_sm120):
 def test_native_nvfp4_layer_builds_as_an_fp4_gemm_in_fp16_and_at_rank_2(tmp_path, fp16, pooled):
     """TensorRT-RTX 1.7 segfaulted building an fp16 network whose dynamic FP4 quantizer fed a
     rank-2 Gemm (SDXL's time_emb_proj layers) and ran that Gemm in Float in fp32: the native pass
-    now emits a rank-3 MatMul there (native_fp4.emitted_op); its own check still compares the
+    now emits a rank-3 MatMul there (native_fp4.emit_nvfp4); its own check still compares the
     layer with the reference."""
     pytest.importorskip("tensorrt_rtx")
     from export_fixtures import nvfp4_ready_stack_export
