@@ -426,12 +426,18 @@ def unet_example_inputs(unet, batch: int = 2, height: int | None = None, width: 
     return {k: (v.to(dtype) if k != "timestep" else v) for k, v in inputs.items()}
 
 
+#: diffusers' Upsample2D branches on batch >= 64 (a contiguous() workaround), so a wider batch
+#: range fails the first torch.export trace and torch.onnx retraces the whole UNet with max=63:
+#: the range is given up front (that second trace was half the export time)
+MAX_UNET_BATCH = 63
+
+
 def unet_dynamic_shapes(unet, inputs: Mapping[str, torch.Tensor]) -> dict:
     """torch.export dims: batch, latent height/width (multiples of the UNet's down factor), text."""
     from torch.export import Dim
 
     factor = 2 ** (len(unet.config.block_out_channels) - 1)
-    batch = Dim("batch", min=1, max=1024)
+    batch = Dim("batch", min=1, max=MAX_UNET_BATCH)
     h, w = Dim("height_blocks", min=1, max=4096), Dim("width_blocks", min=1, max=4096)
     text = Dim("text_len", min=1, max=4096)
     shapes = {"sample": {0: batch, 2: factor * h, 3: factor * w}, "timestep": None,

@@ -120,6 +120,15 @@ def test_unknown_model_is_a_one_line_error(capsys, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_batch_beyond_the_export_is_refused_before_any_work(capsys, tmp_path):
+    from exporter.export import MAX_UNET_BATCH
+
+    code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--batch", "1:1:32", "--out", str(tmp_path / "o"))
+    assert code == EXIT_INPUT and len(err.splitlines()) == 1, err
+    assert "UNet batch of 64" in err and f"at most {MAX_UNET_BATCH}" in err and "--batch" in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_missing_or_corrupt_model_path(capsys, tmp_path):
     code, err = _errors(capsys, "sdxl-tiny", "--w4a4", "--model-path", str(tmp_path / "nope"),
                         "--out", str(tmp_path / "o"))
