@@ -231,13 +231,6 @@ def profiles_for(preset, opts: RunOptions) -> dict:
     cfg = preset.config()
     mult = 2 if opts.cfg else 1
     batch = tuple(b * mult for b in opts.batch)
-    from .export import MAX_UNET_BATCH
-
-    if batch[2] > MAX_UNET_BATCH:
-        raise UserError(f"--batch max {opts.batch[2]} gives a UNet batch of {batch[2]}"
-                        f"{' (classifier-free guidance doubles it)' if opts.cfg else ''}; the export "
-                        f"supports at most {MAX_UNET_BATCH}: lower the MAX of --batch MIN:OPT:MAX",
-                        EXIT_INPUT)
     res = opts.resolution or (cfg["sample_size"] * 8 // 2, cfg["sample_size"] * 8, cfg["sample_size"] * 8)
     latent = tuple(r // 8 for r in res)
     return unet_profile(batch, latent, opts.text_len, cfg["in_channels"], cfg["cross_attention_dim"],
@@ -613,7 +606,7 @@ def run(opts: RunOptions) -> dict:
     preset = model_preset(opts.model, opts.model_path, opts.quantized)
     check_loras_fit(_read_loras(opts.loras, preset), preset)
     _embeddings_fingerprint(opts.calib_embeddings, preset)
-    profiles_for(preset, opts)  # a --batch the export cannot take fails here, not at the build
+    _check_batch(opts)
     p = Pipeline(opts)
     if p.opts.model_path is None and not opts.quantized:
         p.say(f"warning: no --model-path: {opts.model} is built with seeded random weights; this "
@@ -641,6 +634,18 @@ def run(opts: RunOptions) -> dict:
         p.say(f"[verify] skipped for a model this size on CPU; run `export-engine verify {p.out}`")
     p.say(f"done in {time.perf_counter() - t0:.0f} s: {p.out / MANIFEST}")
     return manifest
+
+
+def _check_batch(opts: RunOptions) -> None:
+    """A --batch whose UNet batch the export cannot take fails before any stage runs."""
+    from .export import MAX_UNET_BATCH
+
+    unet_max = opts.batch[2] * (2 if opts.cfg else 1)
+    if unet_max > MAX_UNET_BATCH:
+        raise UserError(f"--batch max {opts.batch[2]} gives a UNet batch of {unet_max}"
+                        f"{' (classifier-free guidance doubles it)' if opts.cfg else ''}; the export "
+                        f"supports at most {MAX_UNET_BATCH}: lower the MAX of --batch MIN:OPT:MAX",
+                        EXIT_INPUT)
 
 
 def _check_sm(opts: RunOptions) -> None:
