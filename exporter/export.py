@@ -16,6 +16,7 @@ with ``k = Gather(adapter_table, timestep)`` for TALoRA.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -38,6 +39,9 @@ from .quantizers import ActQuantizer, WeightQuantizer, nvfp4_block_scale
 #: a protobuf holds at most 2 GiB; above this the weights go to one external data file
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
 SUPPORTED_LAYERS = (QuantLinear, QuantConv2d)
+#: model metadata of a (non-debug) export: JSON [[layer, its output value's name], ...], in graph
+#: order, read by :func:`add_debug_outputs`
+LAYER_OUTPUTS_KEY = "export_engine.layer_outputs"
 #: the grid of the NVFP4 block scales (exporter.quantizers.nvfp4_block_scale)
 E4M3 = get_format("e4m3")
 
@@ -598,7 +602,9 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
 
     ``debug_outputs`` adds per quantized layer the graph outputs ``<layer>.a_in`` (the input of
     its activation QuantizeFP), ``<layer>.codes`` (its codes) and ``<layer>.out`` (the layer's
-    output), for the layer-by-layer parity harness.
+    output), for the layer-by-layer parity harness. Without it the layers' output values are
+    recorded in the model's metadata (:data:`LAYER_OUTPUTS_KEY`), so that
+    :func:`add_debug_outputs` can expose the same values later without a second export.
     """
     import onnx_ir as ir
 
@@ -616,22 +622,20 @@ def _finish_model(model, opset: int, dim_names: Mapping[str, Sequence[str | None
                 if name in named:
                     named[name].name = f"{owner}/block_scale/{node.op_type}"
                 node.name, named[name] = name, node
-        if debug_outputs:
-            for p in scopes:
-                if p in layers:
-                    last_in_layer[p] = node
+        for p in scopes:
+            if p in layers:
+                last_in_layer[p] = node
         node.metadata_props.clear()
         node.doc_string = None
-    if debug_outputs:
-        for name, node in named.items():
-            if name.endswith(".a_quant/QuantizeFP"):
-                layer = name[: -len(".a_quant/QuantizeFP")]
-                _expose(model, node.inputs[0], f"{layer}.a_in")
-                _expose(model, node.outputs[0], f"{layer}.codes")
-    for layer, node in last_in_layer.items():
-        _expose(model, node.outputs[0], f"{layer}.out")
+    # the scopes that say which value is a layer's output are gone after this function
+    layer_outputs = {layer: node.outputs[0] for layer, node in last_in_layer.items()}
     model.graph.metadata_props.clear()
     model.metadata_props.clear()
+    if debug_outputs:
+        _expose_layers(model, named, layer_outputs)
+    else:
+        model.metadata_props[LAYER_OUTPUTS_KEY] = json.dumps(
+            [[layer, value.name] for layer, value in layer_outputs.items()], separators=(",", ":"))
     model.doc_string = None
     for value in list(model.graph.initializers.values()):
         if value.name.startswith("model."):
@@ -697,6 +701,45 @@ def _scopes(text: str) -> list[str]:
     except (ValueError, SyntaxError):
         return []
     return [p[len("model."):] for p in parts if isinstance(p, str) and p.startswith("model.")]
+
+
+def _expose_layers(model, quant_nodes: Mapping[str, object], layer_outputs: Mapping[str, object]) -> None:
+    """The debug outputs: every layer's activation-quantizer input and codes (its QuantizeFP node
+    ``<layer>.a_quant/QuantizeFP``), then every layer's output value, in graph order."""
+    for name, node in quant_nodes.items():
+        if name.endswith(".a_quant/QuantizeFP"):
+            layer = name[: -len(".a_quant/QuantizeFP")]
+            _expose(model, node.inputs[0], f"{layer}.a_in")
+            _expose(model, node.outputs[0], f"{layer}.codes")
+    for layer, value in layer_outputs.items():
+        _expose(model, value, f"{layer}.out")
+
+
+def add_debug_outputs(src: str | Path, dst: str | Path) -> Path:
+    """Write ``src`` (an export made without ``debug_outputs``) to ``dst`` with the debug outputs
+    that ``export_onnx(debug_outputs=True)`` would have given it: the same graph, the same output
+    names and order, without tracing the model again (a full SDXL export takes many minutes).
+    ``dst`` gets its own data file when ``src`` has one."""
+    import onnx_ir as ir
+
+    src, dst = Path(src), Path(dst)
+    _check_output_path(dst)
+    model = ir.load(src)
+    recorded = model.metadata_props.pop(LAYER_OUTPUTS_KEY, None)
+    if recorded is None:
+        raise ExportError(f"{src} records no layer outputs: it is a debug export already, or was "
+                          f"made by an older export-engine; export it again")
+    values = {v.name: v for node in model.graph for v in node.outputs}
+    values.update({v.name: v for v in model.graph.inputs})
+    quant_nodes = {node.name: node for node in model.graph if node.domain == onnx_ops.DOMAIN}
+    try:
+        layer_outputs = {layer: values[name] for layer, name in json.loads(recorded)}
+    except (KeyError, ValueError, TypeError) as err:
+        raise ExportError(f"{src}: its recorded layer outputs do not match its graph ({err}); "
+                          f"export it again") from None
+    _expose_layers(model, quant_nodes, layer_outputs)
+    _save_atomic(model, dst, external_data=src.with_name(src.name + ".data").exists())
+    return dst
 
 
 def _expose(model, value, name: str) -> None:

@@ -3,9 +3,10 @@
 End to end: every target and PyTorch run the same inputs (``seeds`` seeded input sets at
 ``steps`` timesteps spread over the schedule, plus one per TALoRA adapter none of them reaches)
 and are judged against the quantization error itself (:func:`exporter.parity.judge_end_to_end`:
-quality, divergence and, for fp32 ONNX Runtime targets, agreement). Layer by layer: a debug export
-of the same checkpoint exposes every quantized layer's activation input, codes and output, and
-each layer is compared on the same input (:mod:`exporter.parity`): at most 0.01 % of activation
+quality, divergence and, for fp32 ONNX Runtime targets, agreement). Layer by layer: the export
+itself, with every quantized layer's activation input, codes and output made graph outputs
+(:func:`exporter.export.add_debug_outputs`, no second export) and lowered as the reference target,
+and each layer is compared on the same input (:mod:`exporter.parity`): at most 0.01 % of activation
 codes may differ. User LoRAs of the manifest are added to the PyTorch model's float weights, as
 the graph passes add them. Writes OUT/verify/verify.{json,md,png}; docs/parity.md has the why.
 """
@@ -95,7 +96,7 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
     import torch
 
     from .checkpoint import load_checkpoint
-    from .export import export_unet, find_adapter_table, unet_call
+    from .export import ExportError, add_debug_outputs, find_adapter_table, unet_call
     from .parity import (QUALITY_TOL, e2e_timesteps, end_to_end, judge_end_to_end, onnx_runner,
                          ort_session, parity_at_timesteps)
     from .pipeline import MANIFEST, _read_loras, model_preset, read_manifest
@@ -142,12 +143,15 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
               for name, s in samples.items()}
     layer_rows = []
     if layers:
-        say("[verify] layer by layer (debug export of the same checkpoint)")
+        say("[verify] layer by layer (the export with every layer's values as outputs)")
         from graph_passes.targets import build_target
 
         debug, lowered = out / "verify" / "debug.onnx", out / "verify" / "debug.reference.onnx"
         try:
-            export_unet(model, debug, batch=2, height=lat, width=lat, text_len=16, debug_outputs=True)
+            try:  # the export itself, not a new one: the layers' values become graph outputs
+                add_debug_outputs(out / arts["export_onnx"], debug)
+            except ExportError as err:
+                raise UserError(str(err), EXIT_INPUT) from None
             # ONNX Runtime loads a UNet whose op bodies are inlined generically (~100 k nodes) only
             # after many minutes: run the debug export's exact reference lowering (docs/targets.md)
             build_target(debug, "reference", lowered, quiet=True, user_loras=loras)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from exporter import onnx_ops
-from exporter.export import (ExportError, export_layer, export_onnx, export_unet, to_fp16,
-                             unet_call, unet_example_inputs)
+from exporter.export import (ExportError, add_debug_outputs, export_layer, export_onnx, export_unet,
+                             to_fp16, unet_call, unet_example_inputs)
 from exporter.layers import QuantLinear, _QuantLayer, quant_layers
 from exporter.parity import layer_onnx_vs_reference_evaluator, parity, run_onnx
 
@@ -37,10 +37,19 @@ def tiny_ckpt_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tiny_ckpt_model, tmp_path_factory):
+def tiny_cli_export(tiny_ckpt_model, tmp_path_factory):
+    """`export-engine export CKPT` (the command line's export of the checkpoint): its folder."""
+    _, ckpt = tiny_ckpt_model
+    out = tmp_path_factory.mktemp("cli") / "onnx"
+    assert _cli("export", ckpt, "--out", out, "--text-len", 16, "--height", 128) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tiny_ckpt_model, tiny_cli_export, tmp_path_factory):
+    """The command line's export with the debug outputs added (one sdxl-tiny trace serves both)."""
     model, _ = tiny_ckpt_model
-    path = tmp_path_factory.mktemp("export") / "unet.onnx"
-    export_unet(model, path, batch=2, height=16, width=16, text_len=8, debug_outputs=True)
+    path = add_debug_outputs(tiny_cli_export / "unet.onnx", tmp_path_factory.mktemp("export") / "unet.onnx")
     return model, path
 
 
@@ -190,14 +199,20 @@ def test_graph_structure_is_what_the_graph_passes_expect(tiny_export):
 
 @pytest.mark.slow
 def test_export_is_deterministic_byte_for_byte(hand_unet_export, tmp_path):
-    """Two exports of the same quantized model (every quantizer option, TALoRA) are the same
-    bytes; with debug outputs too. The hand UNet keeps this test fast; sdxl-tiny differs only in
-    size."""
+    """Two exports of the same quantized model (every quantizer option, TALoRA) give the same
+    graph: a second, plain export with the debug outputs added afterwards (what `verify` does
+    instead of exporting again) is the same bytes as the fixture's debug export. The hand UNet
+    keeps this test fast; sdxl-tiny differs only in size."""
     model, table, path = hand_unet_export
-    b = tmp_path / "b" / "unet.onnx"
-    export_unet(model, b, batch=2, height=16, width=16, text_len=7, adapter_table=table,
-                debug_outputs=True)
-    assert path.read_bytes() == b.read_bytes()
+    plain, added = tmp_path / "b" / "unet.onnx", tmp_path / "c" / "unet.onnx"
+    export_unet(model, plain, batch=2, height=16, width=16, text_len=7, adapter_table=table)
+    recorded = {p.key: p.value for p in onnx.load(str(plain)).metadata_props}
+    assert "export_engine.layer_outputs" in recorded
+    assert {o.name for o in onnx.load(str(plain)).graph.output} == {"out_sample"}
+    add_debug_outputs(plain, added)
+    assert path.read_bytes() == added.read_bytes()
+    with pytest.raises(ExportError, match="records no layer outputs"):
+        add_debug_outputs(path, tmp_path / "d" / "unet.onnx")  # a debug export already
 
 
 # ---------------------------------------------------------------------------------------------
@@ -413,12 +428,10 @@ def _cli(*argv) -> int:
 
 
 @pytest.mark.slow
-def test_cli_exports_a_checkpoint_and_writes_a_manifest(tiny_ckpt_model, tmp_path, capsys):
+def test_cli_exports_a_checkpoint_and_writes_a_manifest(tiny_cli_export):
     import json
 
-    _, ckpt = tiny_ckpt_model
-    out = tmp_path / "onnx"
-    assert _cli("export", ckpt, "--out", out, "--text-len", 16, "--height", 128) == 0
+    out = tiny_cli_export
     manifest = json.loads((out / "export.json").read_text())
     assert manifest["inputs"][:2] == ["sample", "timestep"] and manifest["data"] is None
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "unet.onnx"]
