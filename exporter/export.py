@@ -461,20 +461,24 @@ UNET_DIM_NAMES = {"sample": ["batch", None, "height", "width"],
 # fp16
 # ---------------------------------------------------------------------------------------------
 def to_fp16(model: nn.Module) -> nn.Module:
-    """Convert ``model`` to float16 in place, keeping quantizer scales, zero points and MPQ-DM
-    smoothing factors float32 (so the fp16 export and the fp16 PyTorch reference quantize with
-    the calibrated values; the quantizers compute in float32 anyway)."""
+    """Convert ``model`` to float16 in place, keeping quantizer scales, zero points, MPQ-DM
+    smoothing factors and LoRA/TALoRA factors float32 (so the fp16 export and the fp16 PyTorch
+    reference quantize with the calibrated values and the same W + s B A, summed in float32:
+    ``_QuantLayer.effective_weight``; the quantizers compute in float32 anyway)."""
     keep = {}
     for _, layer in quant_layers(model):
-        for q in (layer.a_quant, layer.w_quant):
+        parts = [layer.a_quant, layer.w_quant] + ([layer.lora] if layer.lora is not None else [])
+        for q in parts:
             for pname, p in q.named_parameters(recurse=False):
                 keep[(id(q), pname)] = p.detach().clone()
         if getattr(layer, "smooth", None) is not None:
             keep[(id(layer), "smooth")] = layer.smooth.clone()
     model.half()
     for _, layer in quant_layers(model):
-        for q in (layer.a_quant, layer.w_quant):
+        parts = [layer.a_quant, layer.w_quant] + ([layer.lora] if layer.lora is not None else [])
+        for q in parts:
             for pname, p in q.named_parameters(recurse=False):
+                p.grad = None  # a fine-tuned model's fp32 gradients were just cast to fp16
                 p.data = keep[(id(q), pname)]
         if (id(layer), "smooth") in keep:
             layer.smooth = keep[(id(layer), "smooth")]
@@ -573,14 +577,23 @@ def export_unet(unet: nn.Module, path: str | Path, *, batch: int = 2, height: in
 
 @contextlib.contextmanager
 def _quiet_torch_onnx():
-    """torch.onnx prints progress lines and warnings per export; keep them out of the CLI output."""
+    """torch.onnx prints progress lines and warnings per export; keep them out of the CLI output
+    (also its logged "torchvision is not installed" line per torchvision op it knows: we export
+    no torchvision op)."""
     import io
+    import logging
     import warnings
     from contextlib import redirect_stdout
 
-    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def _check_output_path(path: Path) -> None:
@@ -705,11 +718,26 @@ def _scopes(text: str) -> list[str]:
 
 def _expose_layers(model, quant_nodes: Mapping[str, object], layer_outputs: Mapping[str, object]) -> None:
     """The debug outputs: every layer's activation-quantizer input and codes (its QuantizeFP node
-    ``<layer>.a_quant/QuantizeFP``), then every layer's output value, in graph order."""
+    ``<layer>.a_quant/QuantizeFP``), then every layer's output value, in graph order.
+
+    A 16-bit input is cast to float32 before the quantizer (which computes in float32 anyway),
+    and that Cast's output, the quantizer's own input, is exposed: ONNX Runtime's CPU provider
+    runs fp16 ops in fp32 and removes an "fp32 -> fp16 -> fp32" Cast pair, so the quantizer may
+    read an unrounded fp32 value, which an fp16 output would not show (docs/parity.md)."""
+    import onnx_ir as ir
+
     for name, node in quant_nodes.items():
         if name.endswith(".a_quant/QuantizeFP"):
             layer = name[: -len(".a_quant/QuantizeFP")]
-            _expose(model, node.inputs[0], f"{layer}.a_in")
+            x = node.inputs[0]
+            if x.dtype in (ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                cast = ir.Node("", "Cast", [x], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)],
+                               name=f"{layer}.a_quant/a_in_float")
+                cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.FLOAT, x.shape
+                model.graph.insert_before(node, cast)
+                node.replace_input_with(0, cast.outputs[0])
+                x = cast.outputs[0]
+            _expose(model, x, f"{layer}.a_in")
             _expose(model, node.outputs[0], f"{layer}.codes")
     for layer, value in layer_outputs.items():
         _expose(model, value, f"{layer}.out")

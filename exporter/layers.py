@@ -55,10 +55,13 @@ class _QuantLayer(nn.Module):
         self.lora = lora
 
     def effective_weight(self) -> torch.Tensor:
-        """W + s * B A, in the weight's shape and dtype (float, before quantization)."""
+        """W + s * B A, in the weight's shape and dtype (float, before quantization). The sum is
+        computed in float32 and rounded once: in a 16-bit model every runtime then gets the same
+        weight (ONNX Runtime computes fp16 ops in fp32 and rounds only at the end, so a sum of
+        two fp16-rounded terms flipped weight codes; exporter.export.to_fp16 keeps A and B fp32)."""
         if self.lora is None:
             return self.weight
-        return self.weight + self.lora.delta().view_as(self.weight).to(self.weight.dtype)
+        return (self.weight.float() + self.lora.delta().float().view_as(self.weight)).to(self.weight.dtype)
 
     def _smooth_view(self, ndim: int, axis: int) -> torch.Tensor:
         shape = [1] * ndim

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -138,9 +139,11 @@ def torch_act_codes(layer, a_in: torch.Tensor) -> torch.Tensor:
 
 
 def torch_layer_from_act_input(layer, a_in: torch.Tensor) -> torch.Tensor:
-    """The layer's output when its activation quantizer sees ``a_in`` (after any smoothing)."""
+    """The layer's output when its activation quantizer sees ``a_in`` (after any smoothing). A
+    float32 ``a_in`` of a 16-bit layer is quantized as it is, then dequantized to the layer's
+    dtype, as the graph's DequantizeFP does."""
     w = layer.quantized_weight()
-    x = layer.a_quant(a_in)
+    x = layer.a_quant(a_in).to(w.dtype)
     if isinstance(layer, QuantLinear):
         return F.linear(x, w, layer.bias)
     if isinstance(layer, QuantConv2d):
@@ -190,6 +193,7 @@ def _layer_parity(model, got: Mapping[str, np.ndarray]) -> list[LayerParity]:
         for name, layer in quant_layers(model):
             if f"{name}.a_in" not in got:
                 continue
+            # float32 in a 16-bit graph too: the value the quantizer read (exporter.export._expose_layers)
             a_in = torch.from_numpy(got[f"{name}.a_in"])
             codes = torch_act_codes(layer, a_in).numpy()
             differ = int((codes != got[f"{name}.codes"].view(np.uint8)).sum())
@@ -234,12 +238,18 @@ def parity_at_timesteps(model, onnx_path, inputs: Mapping[str, torch.Tensor],
 #   quality     sum ||runtime - fp||^2 / sum ||torch_q - fp||^2 within 1 +- QUALITY_TOL:
 #               the runtime is as accurate as the PyTorch quantized model, no better, no worse;
 #   divergence  ||runtime - torch_q|| <= DIVERGENCE_TOL * e_q on every input: rounding chaos
-#               gives another model of the same noise, about 0.5 e_q away, never more than e_q;
+#               gives another model of the same noise, about 0.5 e_q away, never more than e_q.
+#               A 16-bit runtime or an engine rounds almost every activation differently from
+#               PyTorch, so its noise is a nearly independent draw (0.77-1.03 e_q measured on
+#               the fp16 sdxl-tiny export): two independent draws of the same size are
+#               sqrt(2) e_q apart, the limit there (DIVERGENCE_TOL_LOW_PRECISION); bugs are
+#               caught by quality and, layer by layer, by verify's per-layer checks;
 #   agreement   (fp32 runtimes only) for every TALoRA adapter, some inputs routed to it match
 #               PyTorch to AGREE_REL: a flip is a rare event at verify's small shapes, a bug
 #               (wrong scale, wrong adapter, missing LoRA) is systematic and hits every input.
 QUALITY_TOL = 0.05
 DIVERGENCE_TOL = 1.0
+DIVERGENCE_TOL_LOW_PRECISION = math.sqrt(2.0)
 AGREE_REL = 1e-4
 
 
@@ -280,7 +290,7 @@ class Check:
 
 
 def judge_end_to_end(samples: Sequence[E2ESample], agreement: bool = True,
-                     quality_tol: float = QUALITY_TOL) -> list[Check]:
+                     quality_tol: float = QUALITY_TOL, divergence_tol: float = DIVERGENCE_TOL) -> list[Check]:
     """The end-to-end criterion (module comment above) on one target's samples."""
     q = sum(s.quant_err ** 2 for s in samples)
     r = sum(s.runtime_err ** 2 for s in samples)
@@ -289,7 +299,7 @@ def judge_end_to_end(samples: Sequence[E2ESample], agreement: bool = True,
                     "the whole sample set")]
     worst = max(samples, key=lambda s: s.divergence / max(s.quant_err, 1e-30))
     d = worst.divergence / max(worst.quant_err, 1e-30)
-    checks.append(Check("divergence", d <= DIVERGENCE_TOL, d, f"{DIVERGENCE_TOL:g} x quantization error",
+    checks.append(Check("divergence", d <= divergence_tol, d, f"{divergence_tol:.3g} x quantization error",
                         f"seed {worst.seed}, t={worst.timestep:g}"))
     if agreement:
         groups: dict = {}

@@ -21,8 +21,15 @@ from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .cli import EXIT_INPUT, UserError
 
 CODES_DIFFER_TOL = 1e-4
-#: a TensorRT engine computes in other precisions (fp16, FP8/FP4 accumulation): looser quality
-ENGINE_QUALITY_TOL = 0.10
+#: a layer's output, PyTorch vs the graph on the graph's own input: relative L2 (the codes' 1e-4
+#: allows a flipped code or two, which moves an output by well under 1e-2; a wrong weight, LoRA
+#: or scale moves it by far more)
+LAYER_OUT_TOL = 1e-2
+#: a TensorRT engine (fp16, FP8/FP4 accumulation) or an fp16 graph in ONNX Runtime (fp16 ops run
+#: in fp32, rounded where ORT inserts casts) rounds otherwise than PyTorch: its quantization noise
+#: is a new draw, and 12 draws' energy varies by a few percent (0.955 to 1.01 measured on one
+#: fp16 sdxl-tiny export): looser quality
+LOW_PRECISION_QUALITY_TOL = 0.10
 
 
 def _engine_runner(engine_path: Path):
@@ -97,8 +104,8 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
 
     from .checkpoint import load_checkpoint
     from .export import ExportError, add_debug_outputs, find_adapter_table, unet_call
-    from .parity import (QUALITY_TOL, e2e_timesteps, end_to_end, judge_end_to_end, onnx_runner,
-                         ort_session, parity_at_timesteps)
+    from .parity import (DIVERGENCE_TOL, DIVERGENCE_TOL_LOW_PRECISION, QUALITY_TOL, e2e_timesteps,
+                         end_to_end, judge_end_to_end, onnx_runner, ort_session, parity_at_timesteps)
     from .pipeline import MANIFEST, _read_loras, model_preset, read_manifest
 
     out = Path(out)
@@ -138,8 +145,11 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
     say(f"[verify] end to end: PyTorch vs {', '.join(runners)} on {len(feeds)} inputs ({seeds} seeds x "
         f"{len(timesteps)} timesteps)" + ("" if engine_run else f" (engine: {engine_why})"))
     samples = end_to_end(model, runners, feeds, call=unet_call, adapter_table=table)
-    checks = {name: judge_end_to_end(s, agreement=name != "engine" and not half,
-                                     quality_tol=ENGINE_QUALITY_TOL if name == "engine" else QUALITY_TOL)
+    # fp32 ONNX Runtime reproduces PyTorch's arithmetic; fp16 graphs and engines round otherwise
+    exact = {name: name != "engine" and not half for name in samples}
+    checks = {name: judge_end_to_end(s, agreement=exact[name],
+                                     quality_tol=QUALITY_TOL if exact[name] else LOW_PRECISION_QUALITY_TOL,
+                                     divergence_tol=DIVERGENCE_TOL if exact[name] else DIVERGENCE_TOL_LOW_PRECISION)
               for name, s in samples.items()}
     layer_rows = []
     if layers:
@@ -167,18 +177,24 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
                 path.with_name(path.name + ".data").unlink(missing_ok=True)
     worst_codes = max((r["codes_differ"] for r in layer_rows), default=0.0)
     worst_layer = max(layer_rows, key=lambda r: r["codes_differ"], default=None)
+    worst_out = max(layer_rows, key=lambda r: r["rel_l2"], default=None)
     failed = [f"{t} {c.line()}" for t, cs in checks.items() for c in cs if not c.passed]
     if worst_codes > CODES_DIFFER_TOL:
         failed.append(f"per-layer codes: {worst_codes:.2e} of the codes differ in {worst_layer['layer']} "
                       f"at t={worst_layer['timestep']:g} (limit {CODES_DIFFER_TOL:g})")
+    if worst_out and worst_out["rel_l2"] > LAYER_OUT_TOL:
+        failed.append(f"per-layer output: {worst_out['layer']} differs from PyTorch by rel L2 "
+                      f"{worst_out['rel_l2']:.2e} at t={worst_out['timestep']:g} on the same input "
+                      f"(limit {LAYER_OUT_TOL:g})")
     passed = not failed
     worst_div = max((s.divergence / max(s.quant_err, 1e-30) for ss in samples.values() for s in ss), default=0.0)
     report = {"passed": passed, "failed": failed,
-              "tolerances": {"codes_differ": CODES_DIFFER_TOL, "quality": "1 +- 0.05 (engine 0.10)",
-                             "divergence": "<= 1 x quantization error", "agreement": "an input within 1e-4 "
+              "tolerances": {"codes_differ": CODES_DIFFER_TOL, "layer_out_rel_l2": LAYER_OUT_TOL, "quality": "1 +- 0.05 (fp16 graphs and engines: 0.10)",
+                             "divergence": "<= 1 x quantization error (fp16 graphs and engines: sqrt 2)", "agreement": "an input within 1e-4 "
                              "of PyTorch per TALoRA adapter (fp32 ONNX Runtime targets)"},
               "checks": {t: [c.__dict__ for c in cs] for t, cs in checks.items()},
               "worst_divergence": worst_div, "worst_codes_differ": worst_codes,
+              "worst_layer_out_rel_l2": worst_out["rel_l2"] if worst_out else 0.0,
               "samples": [dict(target=t, **s.__dict__, rel_divergence=s.rel_divergence, agrees=s.agrees)
                           for t, ss in samples.items() for s in ss],
               "layers": layer_rows, "engine": "compared" if engine_run else f"not run: {engine_why}",
@@ -193,7 +209,8 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
     atomic_write_json(out / MANIFEST, manifest)
     summary = "; ".join(f"{t}: " + ", ".join(f"{c.name} {c.value:.3g}" for c in cs) for t, cs in checks.items())
     say(f"[verify] {'PASSED' if passed else 'FAILED'}: {summary}; worst per-layer codes differing "
-        f"{worst_codes:.2e} (tol {CODES_DIFFER_TOL:g}); {vdir / 'verify.md'}")
+        f"{worst_codes:.2e} (tol {CODES_DIFFER_TOL:g}), worst layer output rel L2 "
+        f"{report['worst_layer_out_rel_l2']:.2e} (tol {LAYER_OUT_TOL:g}); {vdir / 'verify.md'}")
     for line in failed:
         say(f"[verify] failed: {line}")
     return report
@@ -216,7 +233,8 @@ def _markdown(manifest: dict, r: dict) -> str:
     if r["layers"]:
         worst = sorted(r["layers"], key=lambda x: (-x["codes_differ"], -x["rel_l2"]))[:15]
         lines += ["", f"## Layer by layer on the same input ({len(r['layers'])} layer-timestep pairs; worst 15; "
-                  f"codes may differ in at most {r['tolerances']['codes_differ']:g} of a layer)", "",
+                  f"codes may differ in at most {r['tolerances']['codes_differ']:g} of a layer, its output "
+                  f"by rel L2 {r['tolerances']['layer_out_rel_l2']:g})", "",
                   "| timestep | layer | codes differing | rel L2 | max abs |", "|---:|---|---:|---:|---:|"]
         lines += [f"| {x['timestep']:.0f} | {x['layer']} | {x['codes_differ']:.2e} | {x['rel_l2']:.2e} | "
                   f"{x['max_abs']:.2e} |" for x in worst]

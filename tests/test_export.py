@@ -468,3 +468,23 @@ def test_an_export_leaves_onnx_shape_inference_of_our_ops_working(tmp_path):
     inferred = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     # QuantizeFP's scale output: typed only by inferring through the function body
     assert {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}["s_used"] == onnx.TensorProto.FLOAT
+
+
+def test_an_export_writes_nothing_on_stderr(tmp_path):
+    """torch.onnx logs a "torchvision is not installed" line per torchvision op it knows about, in
+    every fresh process: the main command's export stage must not pass that to the user."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; sys.path.insert(0, 'tests')\n"
+        "from export_fixtures import ConvLinearStack, quantize_by_hand\n"
+        "from exporter.export import export_onnx\n"
+        "m, x = ConvLinearStack(), torch.randn(2, 3, 8, 8)\n"
+        "quantize_by_hand(m, (x,), talora=False, exclude=None)\n"
+        f"export_onnx(m, {{'x': x}}, {str(tmp_path / 'm.onnx')!r}, timestep_input=None)\n")
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "m.onnx").is_file() and proc.stderr == "", proc.stderr[-2000:]

@@ -172,6 +172,11 @@ def test_sd15_style_unet_main_command_verify_and_loras(sd15_dir, tmp_path):
     np.testing.assert_array_equal(outputs["peft"], outputs["kohya"])
     change = np.linalg.norm(outputs["peft"] - plain) / np.linalg.norm(plain)
     assert change > 1e-2, f"the LoRA barely changed the output ({change:.2e})"
+    # layer by layer with the LoRA: every layer's output as PyTorch computes it from the graph's
+    # own input (a LoRA applied twice, or not at all, is a large error, and fails verify)
+    assert main(["verify", str(out), "--steps", "2", "--seeds", "1"]) == EXIT_OK
+    layers = json.loads((out / "verify" / "verify.json").read_text())["layers"]
+    assert layers and max(r["rel_l2"] for r in layers) < 1e-4, max(layers, key=lambda r: r["rel_l2"])
 
 
 @pytest.mark.slow
@@ -188,6 +193,26 @@ def test_sdxl_style_unet_main_command_with_calibration_embeddings_and_verify(sdx
     report = json.loads((out / "checkpoint" / "quantized.json").read_text())["report"]
     assert report["calibration"]["embeddings"] == str(emb)
     assert main(["verify", str(out), "--steps", "2", "--seeds", "1", "--no-layers"]) == EXIT_OK
+
+
+@pytest.mark.slow
+def test_an_fp16_export_with_talora_passes_verify_layer_by_layer(sdxl_dir, tmp_path):
+    """fp16 (the main command's default above 1 B parameters): on the same input every layer's
+    codes and output match PyTorch's fp16 model. W + s B A is summed in float32 on both sides;
+    summed in fp16 by PyTorch and in fp32 by ONNX Runtime it flipped weight codes (rel L2 up to
+    1.3e-2 on sdxl-tiny), and the activation codes were compared on an fp16 value while ONNX
+    Runtime's quantizer read the unrounded fp32 one."""
+    out = tmp_path / "out"
+    assert main(["unet", "--w4a4", "--fp16", "--model-path", str(sdxl_dir), "--out", str(out),
+                 *FAST, "--finetune-steps", "4"]) == EXIT_OK
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inputs"][0]["dtype"] == "float16" and manifest["talora_table"]
+    code = main(["verify", str(out), "--steps", "2", "--seeds", "6"])  # 24 inputs: a new draw of noise per input
+    report = json.loads((out / "verify" / "verify.json").read_text())
+    assert report["layers"] and report["worst_codes_differ"] == 0, report["failed"]
+    assert report["worst_layer_out_rel_l2"] < 2e-3, report["failed"]  # fp16 rounding of the output
+    assert code == EXIT_OK, report["failed"]
+    assert {c["name"] for c in report["checks"]["reference"]} == {"quality", "divergence"}  # no agreement
 
 
 def _tiny_tokenizer(root):
