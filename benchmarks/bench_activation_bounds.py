@@ -34,7 +34,7 @@ import bench_quality as bq  # noqa: E402  (benchmarks/ is on sys.path when run a
 from exporter.formats import get_format  # noqa: E402
 from exporter.layers import QuantConv2d, quant_layers  # noqa: E402
 from exporter.quantizers import NVFP4_BLOCK, NVFP4_SCALE_MAX, fake_quantize  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, cpu_tag  # noqa: E402
 
 E2M1 = get_format("e2m1")
 CLIPS = torch.linspace(0.25, 1.0, 16)
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     result = {"cpu": cpu_name(), "command": " ".join(["python"] + sys.argv), "model": str(folder),
               "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     out = Path(args.out or Path(__file__).parent / "results" /
-               f"activation_bounds_{cpu_name().split()[0].lower()}.json")
+               f"activation_bounds_{cpu_tag()}.json")
     from exporter.atomic import atomic_write_json
 
     atomic_write_json(out, result)

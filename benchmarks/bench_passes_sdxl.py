@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_name  # benchmarks/ is on sys.path when run as a script
+from machine import cpu_name, cpu_tag  # benchmarks/ is on sys.path when run as a script
 
 FP16_PARAM_BYTES = 2_567_463_684 * 2  # SDXL UNet parameters in fp16
 SIZE_BOUND = 0.30  # plugin graph on disk, as a fraction of the fp16 parameter bytes
@@ -72,7 +72,7 @@ def main() -> int:
           f"plugin <= {SIZE_BOUND} x fp16 ({FP16_PARAM_BYTES / 1e9:.2f} GB)")
     result = {"cpu": cpu_name(), "cores": os.cpu_count(), "command": " ".join(["python"] + sys.argv),
               "export": args.export, "rows": rows, "pass": ok}
-    dest = Path(__file__).parent / "results" / f"passes_sdxl_{cpu_name().split()[0].lower()}.json"
+    dest = Path(__file__).parent / "results" / f"passes_sdxl_{cpu_tag()}.json"
     dest.parent.mkdir(exist_ok=True)
     dest.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {dest}")

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from exporter.layers import quant_layers  # noqa: E402
-from machine import cpu_name  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+from machine import cpu_name, cpu_tag  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 TARGETS = {"b": 1.10, "c": 1.05, "bs": 1.10, "cs": 1.05}
 
@@ -249,7 +249,7 @@ def main(argv=None) -> int:
             print(f"  {r['layer']:55s} {r['ratio']:.4f}{more}  w {r['w_format']} a {r['a_format']}"
                   f"{' AAL' if r['aal'] else ''}{' smooth' if r['smooth'] else ''}")
     dest = Path(args.out) if args.out else \
-        Path(__file__).parent / "results" / f"quality_{cpu_name().split()[0].lower()}.json"
+        Path(__file__).parent / "results" / f"quality_{cpu_tag()}.json"
     from exporter.atomic import atomic_write_json
 
     atomic_write_json(dest, result)

@@ -14,3 +14,9 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_tag() -> str:
+    """A short file-name tag for the CPU: its vendor word ("amd", "intel"), letters and digits only."""
+    words = cpu_name().lower().replace("(r)", "").replace("(tm)", "").split()
+    return "".join(c for c in (words[0] if words else "") if c.isalnum()) or "unknown"
