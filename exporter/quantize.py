@@ -188,6 +188,13 @@ class QuantizeReport:
                          f"of round-to-nearest ({len(self.gptq['round_to_nearest'])} left at round-to-nearest)")
         for k, v in self.metrics.items():
             lines.append(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+        ptq, tuned = self.metrics.get("ptq_eps_sqnr_db"), self.metrics.get("finetuned_eps_sqnr_db")
+        if ptq is not None and tuned is not None and tuned < ptq:
+            on = "held-out" if self.calibration.get("holdout") else "calibration"
+            lines.append(f"  note: fine-tuning lowered the eps SQNR on the {on} samples ({tuned:.2f} dB, PTQ "
+                         f"{ptq:.2f} dB); the checkpoint keeps the fine-tuned model, --finetune-steps 0 gives "
+                         f"the PTQ one" + (" (seeded random weights: neither number means much)"
+                                           if self.random_weights else ""))
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
 

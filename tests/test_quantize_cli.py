@@ -114,3 +114,17 @@ def test_the_checkpoint_depends_on_the_command_not_on_the_machine(tmp_path):
     assert one_core[1]["finetuned_dfa_loss"] > 0
     # the check can fail: another thread count is another (valid) checkpoint
     assert run("two", extra=("--threads", "2"))[0] != one_core[0]
+
+
+def test_the_summary_says_when_fine_tuning_made_the_model_worse():
+    from exporter.quantize import QuantizeReport
+
+    def summary(ptq, tuned, random_weights=False):
+        return QuantizeReport(preset="sdxl-tiny", scheme="w4a4", config={}, base_config_hash="",
+                              random_weights=random_weights, calibration={"holdout": [3]},
+                              metrics={"ptq_eps_sqnr_db": ptq, "finetuned_eps_sqnr_db": tuned}).summary()
+
+    worse = summary(19.22, 18.75, random_weights=True)
+    assert "fine-tuning lowered the eps SQNR on the held-out samples (18.75 dB, PTQ 19.22 dB)" in worse
+    assert "--finetune-steps 0" in worse and "seeded random weights" in worse
+    assert "note:" not in summary(19.22, 19.5)
