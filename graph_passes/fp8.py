@@ -57,6 +57,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx.helper import tensor_dtype_to_np_dtype
+from onnx_graphsurgeon.logger import G_LOGGER
 
 from exporter.formats import Format, with_bits
 
@@ -203,7 +204,8 @@ def fp8_constant(name: str, values: np.ndarray) -> gs.Constant:
     t.name, t.data_type = name, onnx.TensorProto.FLOAT8E4M3FN
     t.dims.extend(a.shape)
     t.raw_data = a.tobytes()
-    return gs.Constant(name, LazyValues(t))
+    with G_LOGGER.suppress(G_LOGGER.ERROR):  # "FLOAT8E4M3FN has no numpy type": kept as ONNX's, as meant
+        return gs.Constant(name, LazyValues(t))
 
 
 def _onnx_type(dtype: np.dtype) -> int:

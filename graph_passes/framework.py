@@ -20,6 +20,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
+from onnx_graphsurgeon.logger import G_LOGGER
+
+G_LOGGER.colors = False  # else its first warning is one about the missing `colored` package
 
 log = logging.getLogger("export_engine.passes")
 
@@ -135,7 +138,10 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
             tensor = onnx.numpy_helper.from_array(np.asarray(values, dtype))
             node.ClearField("attribute")
             node.attribute.append(onnx.helper.make_attribute("value", tensor))
-    return gs.import_onnx(model)
+    # gs warns once per process that FP8 initializers keep their ONNX type, which is what the
+    # passes expect (graph_passes.fp8 writes them, quietly too); the user has nothing to act on
+    with G_LOGGER.suppress(G_LOGGER.ERROR):
+        return gs.import_onnx(model)
 
 
 def to_onnx(graph: gs.Graph) -> onnx.ModelProto:

@@ -26,7 +26,8 @@ def run_cli(*args, cwd=None):
 def tiny_export(tmp_path_factory):
     """The main command from a quantized checkpoint (the quantize stage's own tests cover it; its
     cached tiny run is reused here to keep the suite fast), with the export and passes in child
-    processes (--isolate, the default for SDXL)."""
+    processes (--isolate, the default for SDXL). Returns (out dir, the command's stdout and
+    stderr together, checkpoint)."""
     from exporter.checkpoint import save_checkpoint
     from quant_helpers import tiny_quantized
 
@@ -36,7 +37,7 @@ def tiny_export(tmp_path_factory):
     code, stdout, stderr = run_cli("sdxl-tiny", "--w4a4", "--quantized", str(ckpt), "--no-build",
                                    "--no-verify", "--isolate", "--out", str(out))
     assert code == 0, stderr[-3000:]
-    return out, stdout, ckpt
+    return out, stdout + stderr, ckpt
 
 
 @pytest.mark.slow
@@ -53,6 +54,9 @@ def test_main_command_writes_every_artifact_and_a_manifest(tiny_export):
     assert m["talora_table"], "fine-tuning froze a timestep -> adapter table"
     assert all(len(h) == 64 for h in m["hashes"].values())
     assert "skipped (--no-build)" in stdout
+    # nothing from the libraries underneath that a user cannot act on (torch.onnx's torchvision
+    # lines, onnx-graphsurgeon's FP8-type and `colored` warnings)
+    assert "torchvision" not in stdout and "[W]" not in stdout, stdout[-3000:]
 
 
 @pytest.mark.slow
