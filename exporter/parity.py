@@ -348,19 +348,23 @@ def end_to_end(model: torch.nn.Module, runners: Mapping[str, object], feeds: Seq
 
     call = call or unet_call
     table = adapter_table if adapter_table is not None else find_adapter_table(model)
-    out: dict[str, list[E2ESample]] = {name: [] for name in runners}
-    for seed, f in feeds:
+    torch_out = []  # PyTorch first, then one runner at a time: one big graph in memory at once
+    for _, f in feeds:
         _set_torch_adapter(model, table, f["timestep"])
         with torch.no_grad(), _talora_hooks_detached(model):
             tq = call(model, *f.values()).double().numpy()
             with quantization_off(model):
                 fp = call(model, *f.values()).double().numpy()
-        adapter = None if table is None else int(adapter_index(table, f["timestep"]))
-        for name, run in runners.items():
+        torch_out.append((tq, fp, None if table is None else int(adapter_index(table, f["timestep"]))))
+    out: dict[str, list[E2ESample]] = {name: [] for name in runners}
+    for name, run in runners.items():
+        for (seed, f), (tq, fp, adapter) in zip(feeds, torch_out):
             got = np.asarray(run(f), np.float64)
             out[name].append(E2ESample(seed, float(f["timestep"]), adapter,
                                        float(np.linalg.norm(tq - fp)), float(np.linalg.norm(got - fp)),
                                        float(np.linalg.norm(got - tq)), float(np.linalg.norm(tq))))
+        if hasattr(run, "close"):
+            run.close()
     return out
 
 
@@ -369,3 +373,20 @@ def onnx_runner(session_or_path):
     def run(feeds):
         return next(iter(run_onnx(session_or_path, feeds).values()))
     return run
+
+
+class LoadedWhileRunning:
+    """An :func:`end_to_end` runner that loads its graph at the first call and lets it go when
+    the runner is done (``close``), outside the session cache: a full SDXL graph takes several GB
+    in ONNX Runtime, and verify runs two of them next to the PyTorch model."""
+
+    def __init__(self, path: str | Path, optimize: bool = False):
+        self.path, self.optimize, self.session = path, optimize, None
+
+    def __call__(self, feeds):
+        if self.session is None:
+            self.session = _cached_session.__wrapped__(str(Path(self.path).resolve()), 0, 0, None, self.optimize)
+        return next(iter(run_onnx(self.session, feeds).values()))
+
+    def close(self) -> None:
+        self.session = None

@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
 from .atomic import atomic_path, atomic_write_json, atomic_write_text
 from .cli import EXIT_INPUT, UserError
 
+#: the ONNX graphs of an export that verify can run (manifest artifacts ``<graph>_onnx``)
+GRAPHS = ("reference", "plugin")
 CODES_DIFFER_TOL = 1e-4
 #: a layer's output, PyTorch vs the graph on the graph's own input: relative L2 (the codes' 1e-4
 #: allows a flipped code or two, which moves an output by well under 1e-2; a wrong weight, LoRA
@@ -95,17 +98,19 @@ def e2e_feeds(model, seeds: int, timesteps: list[float], dtype, lat: int) -> lis
 
 
 def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool = False, model=None,
-                  layers: bool = True, optimize: bool = False) -> dict:
+                  layers: bool = True, optimize: bool = False, graphs: Sequence[str] | None = None) -> dict:
     """Run the checks, write the reports, record them in the manifest; returns the report dict.
 
     steps: timesteps per seed (spread over the schedule); seeds: input sets; optimize: ONNX
-    Runtime's graph optimizations on (they reorder float arithmetic; the criterion must hold)."""
+    Runtime's graph optimizations on (they reorder float arithmetic; the criterion must hold);
+    graphs: which of the export's ONNX graphs (:data:`GRAPHS`) run end to end (None: all; one
+    graph at a time is in memory, the full SDXL plugin graph took over 15 GB in ONNX Runtime)."""
     import torch
 
     from .checkpoint import load_checkpoint
     from .export import ExportError, add_debug_outputs, find_adapter_table, unet_call
-    from .parity import (DIVERGENCE_TOL, DIVERGENCE_TOL_LOW_PRECISION, QUALITY_TOL, e2e_timesteps,
-                         end_to_end, judge_end_to_end, onnx_runner, ort_session, parity_at_timesteps)
+    from .parity import (DIVERGENCE_TOL, DIVERGENCE_TOL_LOW_PRECISION, QUALITY_TOL, LoadedWhileRunning,
+                         e2e_timesteps, end_to_end, judge_end_to_end, parity_at_timesteps)
     from .pipeline import MANIFEST, _read_loras, model_preset, read_manifest
 
     out = Path(out)
@@ -116,6 +121,15 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
             raise UserError(f"verify {name} must be a positive integer, got {value!r}")
     t0 = time.perf_counter()
     arts = manifest["artifacts"]
+    targets = {t: out / arts[f"{t}_onnx"] for t in GRAPHS if arts.get(f"{t}_onnx")}
+    if not targets:
+        raise UserError(f"{out}: the manifest lists no reference/plugin ONNX to verify", EXIT_INPUT)
+    if graphs is not None:
+        unknown = sorted(set(graphs) - set(targets))
+        if unknown or not graphs:
+            raise UserError(f"verify --graphs {','.join(graphs)}: this export has {', '.join(targets)} "
+                            f"(choose from those)", EXIT_INPUT)
+        targets = {t: p for t, p in targets.items() if t in graphs}
     ckpt = Path(arts["checkpoint"]) if Path(arts["checkpoint"]).is_absolute() else out / arts["checkpoint"]
     preset = model_preset(manifest["model"], quantized=ckpt)
     loras = _read_loras([l["file"] for l in manifest.get("loras", [])], preset)
@@ -130,10 +144,7 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
         to_fp16(model)
     dtype = torch.float16 if half else torch.float32
     lat = 2 * 2 ** (len(model.config.block_out_channels) - 1)
-    targets = {t: out / arts[f"{t}_onnx"] for t in ("reference", "plugin") if arts.get(f"{t}_onnx")}
-    if not targets:
-        raise UserError(f"{out}: the manifest lists no reference/plugin ONNX to verify", EXIT_INPUT)
-    runners = {t: onnx_runner(ort_session(p, optimize=optimize)) for t, p in targets.items()}
+    runners = {t: LoadedWhileRunning(p, optimize=optimize) for t, p in targets.items()}
     engine_run, engine_why = (None, "no engine in this export")
     if arts.get("engine"):
         engine_run, engine_why = _engine_runner(out / arts["engine"])
@@ -200,13 +211,14 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
               "samples": [dict(target=t, **s.__dict__, rel_divergence=s.rel_divergence, agrees=s.agrees)
                           for t, ss in samples.items() for s in ss],
               "layers": layer_rows, "engine": "compared" if engine_run else f"not run: {engine_why}",
-              "ort_optimizations": optimize, "seconds": round(time.perf_counter() - t0, 1)}
+              "ort_optimizations": optimize, "graphs": list(targets),
+              "seconds": round(time.perf_counter() - t0, 1)}
     vdir = out / "verify"
     atomic_write_json(vdir / "verify.json", report)
     atomic_write_text(vdir / "verify.md", _markdown(manifest, report))
     _plot(layer_rows, vdir / "verify.png")
-    manifest["verify"] = {"passed": passed, "failed": failed, "worst_divergence": worst_div,
-                          "worst_codes_differ": worst_codes,
+    manifest["verify"] = {"passed": passed, "failed": failed, "graphs": list(targets),
+                          "worst_divergence": worst_div, "worst_codes_differ": worst_codes,
                           "files": ["verify/verify.json", "verify/verify.md", "verify/verify.png"]}
     atomic_write_json(out / MANIFEST, manifest)
     summary = "; ".join(f"{t}: " + ", ".join(f"{c.name} {c.value:.3g}" for c in cs) for t, cs in checks.items())

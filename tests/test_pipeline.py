@@ -303,3 +303,21 @@ def test_ort_graph_optimizations_pass_the_criterion(tiny_export, tmp_path):
     report = _verify_planted(tiny_export, tmp_path, optimize=True)
     assert report["passed"], report["failed"]
     assert report["ort_optimizations"]
+
+
+def test_verify_runs_the_graphs_asked_for_and_refuses_others(tiny_export, tmp_path, capsys):
+    """`verify --graphs reference` (a machine without the memory for every graph of a big UNet)
+    runs only that graph and records which ran; a graph the export lacks is refused up front."""
+    import shutil
+
+    from exporter.verify import verify_export
+
+    src, _, _ = tiny_export
+    out = tmp_path / "copy"
+    shutil.copytree(src, out, ignore=shutil.ignore_patterns("verify"))
+    report = verify_export(out, steps=1, seeds=1, layers=False, quiet=True, graphs=["reference"])
+    assert set(report["checks"]) == {"reference"} and report["graphs"] == ["reference"]
+    assert json.loads((out / "manifest.json").read_text())["verify"]["graphs"] == ["reference"]
+    assert main(["verify", str(out), "--graphs", "reference,engine"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "--graphs reference,engine" in err and "reference, plugin" in err
