@@ -104,6 +104,11 @@ def ort_session(onnx_path: str | Path, threads: int | None = None, optimize: boo
 
 @functools.lru_cache(maxsize=4)
 def _cached_session(path: str, size: int, mtime_ns: int, threads: int | None, optimize: bool = False):
+    return new_session(path, threads, optimize)
+
+
+def new_session(path: str | Path, threads: int | None = None, optimize: bool = False):
+    """An uncached :func:`ort_session`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -111,7 +116,7 @@ def _cached_session(path: str, size: int, mtime_ns: int, threads: int | None, op
                                      else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     if threads:
         opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnx(session_or_path, inputs: Mapping[str, torch.Tensor | np.ndarray],
@@ -161,7 +166,7 @@ def _set_torch_adapter(model, adapter_table, timestep) -> None:
 def parity(model: torch.nn.Module, onnx_path: str | Path, inputs: Mapping[str, torch.Tensor], *,
            call=None, adapter_table: torch.Tensor | None = None, timestep_input: str = "timestep",
            layers: bool | None = None, output: str | None = None) -> ParityReport:
-    """Run ``onnx_path`` in ONNX Runtime and ``model`` in PyTorch on ``inputs``; compare.
+    """Run ``onnx_path`` (or an ONNX Runtime session) and ``model`` in PyTorch on ``inputs``; compare.
 
     ``call(model, *inputs.values())`` runs the PyTorch model (default ``model(*inputs)``); TALoRA
     models use ``adapter_table`` (or the one they carry) for the timestep, as the graph does.
@@ -171,7 +176,7 @@ def parity(model: torch.nn.Module, onnx_path: str | Path, inputs: Mapping[str, t
     from .export import _talora_hooks_detached, find_adapter_table
 
     call = call or (lambda m, *a: m(*a))
-    sess = ort_session(onnx_path)
+    sess = onnx_path if hasattr(onnx_path, "run") else ort_session(onnx_path)
     out_names = [o.name for o in sess.get_outputs()]
     main = output or out_names[0]
     got = run_onnx(sess, inputs)
@@ -385,7 +390,7 @@ class LoadedWhileRunning:
 
     def __call__(self, feeds):
         if self.session is None:
-            self.session = _cached_session.__wrapped__(str(Path(self.path).resolve()), 0, 0, None, self.optimize)
+            self.session = new_session(self.path, optimize=self.optimize)
         return next(iter(run_onnx(self.session, feeds).values()))
 
     def close(self) -> None:

@@ -110,7 +110,7 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
     from .checkpoint import load_checkpoint
     from .export import ExportError, add_debug_outputs, find_adapter_table, unet_call
     from .parity import (DIVERGENCE_TOL, DIVERGENCE_TOL_LOW_PRECISION, QUALITY_TOL, LoadedWhileRunning,
-                         e2e_timesteps, end_to_end, judge_end_to_end, parity_at_timesteps)
+                         e2e_timesteps, end_to_end, judge_end_to_end, new_session, parity_at_timesteps)
     from .pipeline import MANIFEST, _read_loras, model_preset, read_manifest
 
     out = Path(out)
@@ -178,7 +178,8 @@ def verify_export(out: str | Path, steps: int = 4, seeds: int = 3, quiet: bool =
             build_target(debug, "reference", lowered, quiet=True, user_loras=loras)
             base = dict(feeds[0][1])
             ts = sorted({timesteps[0], timesteps[-1], 500.0})
-            for t, rep in parity_at_timesteps(model, lowered, base, ts, call=unet_call).items():
+            session = new_session(lowered)  # not cached: the file is scratch
+            for t, rep in parity_at_timesteps(model, session, base, ts, call=unet_call).items():
                 for lp in rep.layers:
                     layer_rows.append({"timestep": t, "layer": lp.name, "rel_l2": lp.out.rel_l2,
                                        "codes_differ": lp.codes_differ_fraction, "max_abs": lp.out.max_abs})
