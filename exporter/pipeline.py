@@ -65,6 +65,7 @@ class RunOptions:
     nvfp4: bool = False  # Linear layers quantized the NVFP4 way (quantize.QuantizeConfig.nvfp4)
     keep_fp_shortcuts: bool = True  # last up block's conv_shortcut kept FP (QuantizeConfig.keep_fp_shortcuts)
     a8_budget: float = 0.0  # share of the MACs with 8-bit activations (QuantizeConfig.a8_budget)
+    a8_convs: bool = False  # every convolution with 8-bit activations (QuantizeConfig.a8_convs)
     gptq: bool | None = None  # GPTQ weight rounding (QuantizeConfig.gptq; None: automatic)
     calib_embeddings: str | None = None  # .safetensors of text embeddings (calibration.text_conditioning)
     seed: int = 0
@@ -312,7 +313,7 @@ class Pipeline:
                         o.model, o.scheme, _path_fingerprint(o.model_path), o.calib_samples,
                         o.calib_steps, o.finetune_steps, o.seed, o.nvfp4, o.threads or _default_threads(),
                         _embeddings_fingerprint(o.calib_embeddings, self.preset), o.keep_fp_shortcuts,
-                        o.a8_budget, o.gptq)
+                        o.a8_budget, o.a8_convs, o.gptq)
 
         def produce():
             from .quantize import QuantizeConfig
@@ -320,7 +321,8 @@ class Pipeline:
             cfg = QuantizeConfig(scheme=o.scheme, calib_samples=o.calib_samples, calib_steps=o.calib_steps,
                                  finetune_steps=o.finetune_steps, nvfp4=o.nvfp4, seed=o.seed,
                                  threads=o.threads, calib_embeddings=o.calib_embeddings,
-                                 keep_fp_shortcuts=o.keep_fp_shortcuts, a8_budget=o.a8_budget, gptq=o.gptq)
+                                 keep_fp_shortcuts=o.keep_fp_shortcuts, a8_budget=o.a8_budget,
+                                 a8_convs=o.a8_convs, gptq=o.gptq)
             self.model = self._call(quantize_stage, o.model, cfg, o.model_path, self.out / "checkpoint",
                                     o.quiet, keep=not o.isolate)
             return ["checkpoint/quantized.json", "checkpoint/quantized.safetensors"]

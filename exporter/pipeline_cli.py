@@ -5,7 +5,7 @@ import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
 from .pipeline import TARGETS
-from .quantize_cli import (A8_BUDGET_HELP, CALIB_EMBEDDINGS_HELP, GPTQ_HELP, NVFP4_HELP, SHORTCUTS_HELP,
+from .quantize_cli import (A8_BUDGET_HELP, A8_CONVS_HELP, CALIB_EMBEDDINGS_HELP, GPTQ_HELP, NVFP4_HELP, SHORTCUTS_HELP,
                            THREADS_HELP)
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
@@ -76,6 +76,7 @@ def register(sub) -> None:
     g.add_argument("--keep-fp-shortcuts", action=argparse.BooleanOptionalAction, default=True,
                    help=SHORTCUTS_HELP)
     g.add_argument("--a8-budget", type=float, default=0.0, metavar="F", help=A8_BUDGET_HELP)
+    g.add_argument("--a8-convs", action="store_true", help=A8_CONVS_HELP)
     g.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=None, help=GPTQ_HELP)
     g.add_argument("--calib-embeddings", metavar="FILE", help=CALIB_EMBEDDINGS_HELP)
     g.add_argument("--seed", type=int, default=0)
@@ -132,7 +133,8 @@ def _run(args) -> int:
                       verify=args.verify, isolate=args.isolate, fp16=args.fp16,
                       calib_samples=args.calib_samples, calib_steps=args.calib_steps,
                       finetune_steps=args.finetune_steps, nvfp4=args.nvfp4, seed=args.seed,
-                      keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget, gptq=args.gptq,
+                      keep_fp_shortcuts=args.keep_fp_shortcuts, a8_budget=args.a8_budget,
+                      a8_convs=args.a8_convs, gptq=args.gptq,
                       calib_embeddings=args.calib_embeddings, threads=args.threads,
                       batch=args.batch, resolution=args.resolution, text_len=args.text_len, cfg=args.cfg)
     run(opts)

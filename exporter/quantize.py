@@ -70,6 +70,9 @@ class QuantizeConfig:
     keep_fp_shortcuts: bool = True  # with exclude None: also the last up block's conv_shortcut layers (presets.last_up_shortcuts)
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
     a8_budget: float = 0.0  # w4a4: share of the quantized layers' MACs whose activations get 8-bit e4m3 (a8_layers)
+    # w4a4: every convolution gets 8-bit e4m3 activations. No target runs a convolution on FP4
+    # hardware (fp8/native: FP8 GEMMs, plugin: fp16), so this costs no speed anywhere
+    a8_convs: bool = False
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)
     mixed_precision: bool = True  # MPQ-DM smoothing + N-1/N/N+1 bits
@@ -106,6 +109,11 @@ class QuantizeConfig:
             raise UserError(f"--a8-budget must be a fraction of the MACs in [0, 1], got {self.a8_budget!r}")
         if self.a8_budget > 0 and self.scheme != "w4a4":
             raise UserError(f"--a8-budget gives some W4A4 layers 8-bit activations; scheme {self.scheme} "
+                            "has no 4-bit activations to raise")
+        if not isinstance(self.a8_convs, bool):
+            raise UserError(f"a8_convs must be true or false, got {self.a8_convs!r}")
+        if self.a8_convs and self.scheme != "w4a4":
+            raise UserError(f"--a8-convs gives the W4A4 convolutions 8-bit activations; scheme {self.scheme} "
                             "has no 4-bit activations to raise")
         if self.gptq not in (None, True, False):
             raise UserError(f"gptq must be true, false or null (automatic), got {self.gptq!r}")
@@ -479,18 +487,24 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
     # a8_budget 1: every layer W4A8 with the fp8 target's e4m3, nothing to rank
     space = cfg.a8_space() if cfg.a8_budget >= 1 else cfg.search_space()
     rank = 0 < cfg.a8_budget < 1
+    convs = ([n for n in names if model.get_submodule(n).weight.dim() == 4]
+             if cfg.a8_convs and cfg.a8_budget < 1 else [])
     choices = search_layers(model, calib, names, space, seed=cfg.seed, progress=say, workers=search_workers(),
-                            keep_captures=rank or cfg.gptq)
+                            keep_captures=rank or bool(convs) or cfg.gptq)
     apply_choices(model, choices)
     seconds["search"] = time.perf_counter() - t
     a8_info = None
     if cfg.a8_budget >= 1:
-        a8_info = {"budget": cfg.a8_budget, "layers": list(names), "macs_share": 1.0}
-    elif rank:
+        a8_info = {"budget": cfg.a8_budget, "convs": cfg.a8_convs, "layers": list(names), "macs_share": 1.0}
+    elif rank or convs:
         t = time.perf_counter()
-        say(f"8-bit activations: measuring {len(names)} layers' activation costs")
-        costs, macs = activation_costs(model, calib)
-        raised = a8_layers(costs, macs, cfg.a8_budget)
+        a8_info = {"budget": cfg.a8_budget, "convs": cfg.a8_convs}
+        raised = list(convs)  # --a8-convs: every convolution; the budget ranks the other layers
+        if rank:
+            say(f"8-bit activations: measuring {len(names)} layers' activation costs")
+            costs, macs = activation_costs(model, calib)
+            raised += [n for n in a8_layers({n: c for n, c in costs.items() if n not in convs}, macs, cfg.a8_budget)]
+            a8_info.update(costs=costs, macs=macs, macs_share=sum(macs[n] for n in raised) / sum(macs.values()))
         say(f"8-bit activations: {len(raised)} of {len(names)} layers")
         # the whole search again for them: the weights' scales are refined on the 8-bit inputs
         new = search_layers(model, calib, raised, cfg.a8_space(), seed=cfg.seed, workers=search_workers())
@@ -498,8 +512,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
             apply_choice(model.get_submodule(name), choice)
         choices.update(new)
         seconds["a8"] = time.perf_counter() - t
-        a8_info = {"budget": cfg.a8_budget, "layers": raised, "costs": costs, "macs": macs,
-                   "macs_share": sum(macs[n] for n in raised) / sum(macs.values())}
+        a8_info["layers"] = raised
     steps = preset.defaults(device).finetune_steps if cfg.finetune_steps is None else cfg.finetune_steps
     gptq_info = None
     if cfg.gptq:

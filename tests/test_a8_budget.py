@@ -134,3 +134,19 @@ def test_the_fp8_target_runs_e4m3_activation_layers_as_fp8(tmp_path):
            for k in ("fp8", "ref")}
     assert np.linalg.norm(run["fp8"] - run["ref"]) <= 1e-5 * np.linalg.norm(run["ref"])
     assert np.linalg.norm(run["ref"] - want) <= 1e-5 * np.linalg.norm(want)
+
+
+def test_a8_convs_raises_every_convolution_and_no_linear_layer():
+    """--a8-convs: no target runs a convolution on FP4 hardware, so every quantized convolution
+    gets e4m3 activations (searched again on them) and the Linear layers stay W4A4."""
+    from exporter.quantize import quantize_model
+
+    model, report = quantize_model("sdxl-tiny", model=tiny_fp(), finetune_steps=0, a8_convs=True,
+                                   **{**TEST_CALIB, "calib_samples": 2, "calib_steps": 2})
+    layers = dict(quant_layers(model))
+    convs = {n for n, l in layers.items() if l.weight.dim() == 4}
+    assert convs and set(report.a8["layers"]) == convs and report.a8["convs"]
+    for name, layer in layers.items():
+        assert (layer.a_quant.fmt.name in A8_FORMATS) == (name in convs), (name, layer.a_quant.fmt.name)
+    with pytest.raises(UserError, match="a8-convs"):
+        QuantizeConfig(scheme="w4a8", a8_convs=True).validate()
