@@ -103,7 +103,8 @@ def main(argv=None) -> int:
     def blocks(kind):
         def replace(name, layer):
             is_conv = isinstance(layer, QuantConv2d)
-            if layer.weight.shape[1] % NVFP4_BLOCK or (kind == "convs" and not is_conv) or (kind == "linears" and is_conv):
+            wrong_kind = (kind == "convs" and not is_conv) or (kind == "linears" and is_conv)
+            if layer.weight.shape[1] % NVFP4_BLOCK or wrong_kind:
                 return None
             return block16(layer.a_quant)
         return replace

@@ -71,7 +71,7 @@ class QuantizeConfig:
     act_mode: str = "static"  # or "dynamic" (per token, Linear layers)
     a8_budget: float = 0.0  # w4a4: share of the quantized layers' MACs whose activations get 8-bit e4m3 (a8_layers)
     # w4a4: every convolution gets 8-bit e4m3 activations. No target runs a convolution on FP4
-    # hardware (fp8/native: FP8 GEMMs, plugin: fp16), so this costs no speed anywhere
+    # hardware (fp8/native: FP8 GEMMs, plugin: decoded to fp16/fp32), so this costs no speed anywhere
     a8_convs: bool = False
     search: str = "pruned"  # or "exhaustive"
     mixup: bool = True  # unsigned formats for AALs (False: signed FP4 only)

@@ -26,9 +26,10 @@ A8_BUDGET_HELP = ("w4a4: give 8-bit e4m3 activations to the layers whose 4-bit a
                   "error per MAC, until this share of the quantized layers' MACs (0..1; default 0, 1 = W4A8 "
                   "everywhere). Free in speed on the fp8 target (Ada/Hopper runs W4A4 layers as FP8 GEMMs "
                   "anyway); docs/quantization.md, 'Quality on a trained model'")
-A8_CONVS_HELP = ("w4a4: 8-bit e4m3 activations for every convolution. Free in speed on every target: none runs "
-                 "a convolution on FP4 hardware (fp8 and native: FP8 GEMMs; plugin: fp16). On a trained UNet "
-                 "eps ratio 1.171 vs 1.295 (with --nvfp4: 1.118 vs 1.233); docs/quantization.md")
+A8_CONVS_HELP = ("w4a4: 8-bit e4m3 activations for every convolution. Free in speed on every target: none "
+                 "runs a convolution on FP4 hardware (fp8 and native: FP8 GEMMs; plugin: decoded, fp16/fp32). "
+                 "On a trained UNet eps ratio 1.171 vs 1.295 (with --nvfp4: 1.118 vs 1.233); "
+                 "docs/quantization.md")
 GPTQ_HELP = ("GPTQ weight rounding: each weight's rounding error is compensated by the weights not yet "
              "rounded, on the calibration inputs' Hessian (same formats and scales; layers with fan-in "
              "<= 4096). Default: on when the Hessians take <= 2 GiB (tiny and small UNets; SDXL needs "

@@ -7,8 +7,8 @@ quality, divergence and, for fp32 ONNX Runtime targets, agreement). Layer by lay
 itself, with every quantized layer's activation input, codes and output made graph outputs
 (:func:`exporter.export.add_debug_outputs`, no second export) and lowered as the reference target,
 and each layer is compared on the same input (:mod:`exporter.parity`): at most 0.01 % of activation
-codes may differ, and the layer's output at most 1e-2 (relative L2). User LoRAs of the manifest are added to the PyTorch model's float weights, as
-the graph passes add them. Writes OUT/verify/verify.{json,md,png}; docs/parity.md has the why.
+codes may differ, and the layer's output at most 1e-2 (relative L2). User LoRAs of the manifest
+are added to the PyTorch model's float weights, as the graph passes add them. Writes OUT/verify/verify.{json,md,png}; docs/parity.md has the why.
 """
 from __future__ import annotations
 
