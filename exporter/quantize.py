@@ -503,7 +503,7 @@ def _quantize(preset: Preset, cfg: QuantizeConfig, model_path: str | None, model
         if rank:
             say(f"8-bit activations: measuring {len(names)} layers' activation costs")
             costs, macs = activation_costs(model, calib)
-            raised += [n for n in a8_layers({n: c for n, c in costs.items() if n not in convs}, macs, cfg.a8_budget)]
+            raised += a8_layers({n: c for n, c in costs.items() if n not in convs}, macs, cfg.a8_budget)
             a8_info.update(costs=costs, macs=macs, macs_share=sum(macs[n] for n in raised) / sum(macs.values()))
         say(f"8-bit activations: {len(raised)} of {len(names)} layers")
         # the whole search again for them: the weights' scales are refined on the 8-bit inputs
