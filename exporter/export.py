@@ -465,18 +465,19 @@ def to_fp16(model: nn.Module) -> nn.Module:
     smoothing factors and LoRA/TALoRA factors float32 (so the fp16 export and the fp16 PyTorch
     reference quantize with the calibrated values and the same W + s B A, summed in float32:
     ``_QuantLayer.effective_weight``; the quantizers compute in float32 anyway)."""
+    def fp32_parts(layer):
+        return [layer.a_quant, layer.w_quant] + ([layer.lora] if layer.lora is not None else [])
+
     keep = {}
     for _, layer in quant_layers(model):
-        parts = [layer.a_quant, layer.w_quant] + ([layer.lora] if layer.lora is not None else [])
-        for q in parts:
+        for q in fp32_parts(layer):
             for pname, p in q.named_parameters(recurse=False):
                 keep[(id(q), pname)] = p.detach().clone()
         if getattr(layer, "smooth", None) is not None:
             keep[(id(layer), "smooth")] = layer.smooth.clone()
     model.half()
     for _, layer in quant_layers(model):
-        parts = [layer.a_quant, layer.w_quant] + ([layer.lora] if layer.lora is not None else [])
-        for q in parts:
+        for q in fp32_parts(layer):
             for pname, p in q.named_parameters(recurse=False):
                 p.grad = None  # a fine-tuned model's fp32 gradients were just cast to fp16
                 p.data = keep[(id(q), pname)]

@@ -254,8 +254,11 @@ def parity_at_timesteps(model, onnx_path, inputs: Mapping[str, torch.Tensor],
 #               (wrong scale, wrong adapter, missing LoRA) is systematic and hits every input.
 QUALITY_TOL = 0.05
 DIVERGENCE_TOL = 1.0
-DIVERGENCE_TOL_LOW_PRECISION = math.sqrt(2.0)
 AGREE_REL = 1e-4
+#: a 16-bit graph or an engine (module comment above): its noise is a new draw, and 12 draws'
+#: energy varies by a few percent (plugin quality 0.955 to 1.01 on one fp16 sdxl-tiny export)
+LOW_PRECISION_QUALITY_TOL = 0.10
+DIVERGENCE_TOL_LOW_PRECISION = math.sqrt(2.0)
 
 
 @dataclass
@@ -294,9 +297,12 @@ class Check:
             (f" at {self.where}" if self.where and not self.passed else "")
 
 
-def judge_end_to_end(samples: Sequence[E2ESample], agreement: bool = True,
-                     quality_tol: float = QUALITY_TOL, divergence_tol: float = DIVERGENCE_TOL) -> list[Check]:
-    """The end-to-end criterion (module comment above) on one target's samples."""
+def judge_end_to_end(samples: Sequence[E2ESample], exact: bool = True) -> list[Check]:
+    """The end-to-end criterion (module comment above) on one target's samples. ``exact``: the
+    runtime reproduces PyTorch's arithmetic (fp32 ONNX Runtime); else (an fp16 graph, an engine)
+    the low-precision limits apply and there is no agreement check."""
+    quality_tol = QUALITY_TOL if exact else LOW_PRECISION_QUALITY_TOL
+    divergence_tol = DIVERGENCE_TOL if exact else DIVERGENCE_TOL_LOW_PRECISION
     q = sum(s.quant_err ** 2 for s in samples)
     r = sum(s.runtime_err ** 2 for s in samples)
     ratio = r / q if q > 0 else (1.0 if r == 0 else float("inf"))
@@ -306,7 +312,7 @@ def judge_end_to_end(samples: Sequence[E2ESample], agreement: bool = True,
     d = worst.divergence / max(worst.quant_err, 1e-30)
     checks.append(Check("divergence", d <= divergence_tol, d, f"{divergence_tol:.3g} x quantization error",
                         f"seed {worst.seed}, t={worst.timestep:g}"))
-    if agreement:
+    if exact:
         groups: dict = {}
         for s in samples:
             groups.setdefault(s.adapter, []).append(s)
@@ -375,9 +381,7 @@ def end_to_end(model: torch.nn.Module, runners: Mapping[str, object], feeds: Seq
 
 def onnx_runner(session_or_path):
     """feeds -> the graph's first output, for :func:`end_to_end`."""
-    def run(feeds):
-        return next(iter(run_onnx(session_or_path, feeds).values()))
-    return run
+    return lambda feeds: next(iter(run_onnx(session_or_path, feeds).values()))
 
 
 class LoadedWhileRunning:
@@ -391,7 +395,7 @@ class LoadedWhileRunning:
     def __call__(self, feeds):
         if self.session is None:
             self.session = new_session(self.path, optimize=self.optimize)
-        return next(iter(run_onnx(self.session, feeds).values()))
+        return onnx_runner(self.session)(feeds)
 
     def close(self) -> None:
         self.session = None

@@ -5,8 +5,8 @@ import argparse
 
 from .cli import EXIT_OK, EXIT_TOLERANCE, UserError
 from .pipeline import TARGETS
-from .quantize_cli import (A8_BUDGET_HELP, A8_CONVS_HELP, CALIB_EMBEDDINGS_HELP, GPTQ_HELP, NVFP4_HELP, SHORTCUTS_HELP,
-                           THREADS_HELP)
+from .quantize_cli import (A8_BUDGET_HELP, A8_CONVS_HELP, CALIB_EMBEDDINGS_HELP, GPTQ_HELP, NVFP4_HELP,
+                           SHORTCUTS_HELP, THREADS_HELP)
 
 MAIN = "run"  # `export-engine MODEL ...` is parsed as `export-engine run MODEL ...`
 

@@ -107,14 +107,12 @@ class QuantizeConfig:
         if isinstance(self.a8_budget, bool) or not isinstance(self.a8_budget, (int, float)) \
                 or not 0.0 <= self.a8_budget <= 1.0:
             raise UserError(f"--a8-budget must be a fraction of the MACs in [0, 1], got {self.a8_budget!r}")
-        if self.a8_budget > 0 and self.scheme != "w4a4":
-            raise UserError(f"--a8-budget gives some W4A4 layers 8-bit activations; scheme {self.scheme} "
-                            "has no 4-bit activations to raise")
         if not isinstance(self.a8_convs, bool):
             raise UserError(f"a8_convs must be true or false, got {self.a8_convs!r}")
-        if self.a8_convs and self.scheme != "w4a4":
-            raise UserError(f"--a8-convs gives the W4A4 convolutions 8-bit activations; scheme {self.scheme} "
-                            "has no 4-bit activations to raise")
+        for flag, on in (("--a8-budget", self.a8_budget > 0), ("--a8-convs", self.a8_convs)):
+            if on and self.scheme != "w4a4":
+                raise UserError(f"{flag} gives W4A4 layers 8-bit activations; scheme {self.scheme} "
+                                "has no 4-bit activations to raise")
         if self.gptq not in (None, True, False):
             raise UserError(f"gptq must be true, false or null (automatic), got {self.gptq!r}")
         if self.finetune_steps is not None and self.finetune_steps < 0:
